@@ -9,7 +9,7 @@ divergence D(p_T || p_S) over the student's own tokens; gradients flow through t
 Run it:
     python opsd.py --preset laptop                 # offline, 2 CPU cores: SmolLM2-135M on arithmetic
     python opsd.py --model Qwen2.5-0.5B            # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
-    python opsd.py --model tiny --max-steps 2      # seconds, random weights: a smoke test
+    python opsd.py --preset smoke                  # seconds, random weights: a smoke test
     python opsd.py --help                          # every flag, with its default
 
 Deliberate deviations from the authors' final recipe (forward KL, point-wise clip 0.05, fixed
@@ -30,10 +30,13 @@ top-p 0.95 / top-k 20, LoRA r64):
     base 0.5B model does not follow the chat template or the answer format, and the privileged
     teacher must be able to read and use the reference (the "privilege gap"); the chat template
     is the same for both roles (pitfall 5).
- 6. The laptop preset (SmolLM2-135M, single-digit arithmetic) uses lr 1e-5, 48 new tokens and
-    no clipping: see PRESETS below for why each differs, and the README for the measured run.
+ 6. The laptop preset (SmolLM2-135M, single-digit arithmetic) uses lr 2e-5, 32 new tokens, no
+    clipping and an instruction that asks for the equation: PRESETS says why each differs, and the
+    README gives the measured run (and the instructions with which OPSD made the student worse).
  7. "divergence" in the logs is always the unclipped full-vocabulary forward KL(p_T || p_S),
     whatever --loss optimises, so that runs with different losses can be compared on one axis.
+ 8. The EMA teacher is kept in fp32 even on CUDA (bf16 would round its small updates away); the
+    fixed teacher and an OPD teacher are bf16 on CUDA, as frozen weights can be.
 
 Non-determinism: sampling is seeded once (--seed); CUDA kernels (and the order of float sums on
 different thread counts) are not bit-reproducible, so two GPU runs can differ in the last digits.
@@ -125,8 +128,9 @@ PRESETS = {
     # equation, and the reference solutions end with it, so the privileged teacher's route is one the
     # student can follow; with "end with 'The answer is N.'" the teacher reads the answer off the
     # reference and says it first, and the student copies that route and gets worse (README, measured).
-    # lr 2e-5: a 40-step budget. 32 tokens hold "a + b = c."; point-wise clipping at 0.05 would cut
-    # the one token that matters in so short an answer.
+    # lr 2e-5: a 40-step budget. 32 tokens hold "a + b = c.". No clip: a point-wise clip at 0.05
+    # zeroes the gradient of every vocabulary term above 0.05, and in a ten-token answer the answer
+    # token's term is far above it (notebook exercise 5 asks what is left).
     "laptop": dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
                    instruction="Write the equation and its result.",
                    max_new_tokens=32, batch_size=8, grad_accum=1, lr=2e-5, clip="none",
@@ -693,7 +697,7 @@ def peak_memory_gb(device) -> float:
 
 def train(cfg: Config, progress: bool = True) -> Path:
     """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     check_config(cfg)
     device = resolve_device(cfg.device)
     out_dir = check_output_dir(cfg)
@@ -1039,6 +1043,7 @@ def plot_memory(runs: dict, axes=None):
     peaks = {label: max(l["peak_mem_gb"] for l in read_metrics(run)[0]) for label, run in runs.items()}
     bars = axes[1].bar(list(peaks), list(peaks.values()), color=["C0", "C1", "C2", "C3"][:len(peaks)])
     axes[1].bar_label(bars, fmt="%.2f")
+    axes[1].tick_params(axis="x", labelsize=8)
     axes[1].set(ylabel=f"peak memory ({unit})", title="OPSD vs OPD")
     return fig
 
@@ -1058,16 +1063,15 @@ def plot_token_scores(scores: dict, ax=None, max_tokens: int = 48):
     return fig
 
 
-def save_figures(run_dir, opd_dir=None, out_dir="figures", seed: int = 0) -> list[Path]:
-    """figures/*.png from a finished run (and, for memory.png, an OPD run with the same settings):
-    divergence, accuracy, memory, and the token picture from the run's *initial* model."""
+def save_figures(run_dir, memory_runs: dict | None = None, out_dir="figures", seed: int = 0) -> list[Path]:
+    """figures/*.png from a finished run: divergence, accuracy, the token picture from the run's
+    *initial* model, and memory (the run, beside memory_runs: label -> run dir, e.g. an OPD run)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(run_dir)
     figs = {"divergence.png": plot_divergence({"OPSD": run_dir}),
             "accuracy.png": plot_accuracy({"OPSD": run_dir}),
-            "memory.png": plot_memory({"OPSD (fixed teacher)": run_dir, **({"OPD (separate teacher)": opd_dir}
-                                                                            if opd_dir else {})})}
+            "memory.png": plot_memory({f"OPSD {cfg.teacher}\n({cfg.max_steps} steps)": run_dir, **(memory_runs or {})})}
     model, tok = load_model(cfg.model, seed=cfg.seed)
     record = encode_problems(tok, load_problems(cfg)[1][:1], cfg, None)[0]
     figs["token_kl.png"] = plot_token_scores(token_scores(model, model, tok, record, cfg, seed=seed))
@@ -1080,6 +1084,8 @@ def save_figures(run_dir, opd_dir=None, out_dir="figures", seed: int = 0) -> lis
 
 def main(argv=None) -> int:
     try:
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
         cfg = parse_args(argv)
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss):
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")

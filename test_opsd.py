@@ -345,7 +345,9 @@ def test_extract_answer_on_hand_written_outputs(text, want):
 
 def test_explicit_flags_override_the_preset():
     cfg = opsd.parse_args(["--preset", "laptop", "--lr", "3e-5", "--no-overwrite"])
-    assert cfg.model == "smollm2-135m" and cfg.lr == 3e-5 and cfg.max_new_tokens == 48
+    laptop = opsd.PRESETS["laptop"]
+    assert cfg.model == laptop["model"] == "smollm2-135m" and cfg.max_new_tokens == laptop["max_new_tokens"]
+    assert cfg.lr == 3e-5 != laptop["lr"]
     assert opsd.parse_args([]).lr == opsd.Config.lr
 
 
