@@ -79,7 +79,8 @@ class Config:
     method: str = arg("opsd", "opsd: distill on the student's own rollouts; sft: cross-entropy on the reference "
                               "solutions (the off-policy baseline)", ["opsd", "sft"])
     # model and data
-    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m, tiny")
+    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m (offline), tiny "
+                                     "(random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes, for measuring)")
     teacher_model: str | None = arg(None, "OPD mode: a separate teacher model that reads the student's prompt")
     dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet file or folder")
     problem_column: str | None = arg(None, "dataset column with the problem (default: question or problem)")
