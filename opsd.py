@@ -796,7 +796,9 @@ def train(cfg: Config, progress: bool = True) -> Path:
             # token mean over the effective batch: this micro-batch holds n_i of the N tokens
             (per_token.sum() / n_tokens).backward()
             with torch.no_grad():  # monitors, from the same logits: forward KL, and how often the clip bites
-                _, kl = token_divergence(s_logits, t_logits, r["c_mask"], temperature=cfg.temperature)
+                plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
+                kl = per_token if plain_kl else token_divergence(s_logits, t_logits, r["c_mask"],
+                                                                 temperature=cfg.temperature)[1]
                 if cfg.clip != "none" and cfg.loss != "sampled_token":
                     _, raw = token_divergence(s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta,
                                               top_k=cfg.top_k_loss, temperature=cfg.temperature)
