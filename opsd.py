@@ -735,8 +735,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
         nonlocal teacher_acc
         frozen = teacher is not model and cfg.teacher != "ema"
         with autocast:
-            res = evaluate(model, teacher, eval_set, cfg, device, eos_ids, pad_id, opd, tok,
-                           skip_teacher=frozen and teacher_acc is not None, bucket=bucket)
+            res = evaluate(model, teacher, tok, eval_set, cfg, opd, skip_teacher=frozen and teacher_acc is not None,
+                           bucket=bucket)
         teacher_acc = res["teacher_acc"] if res["teacher_acc"] is not None else teacher_acc
         line = {"split": "eval", "step": step, "student_acc": res["student_acc"], "teacher_acc": teacher_acc,
                 "n": len(eval_set)}
@@ -790,7 +790,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
             model.train()
             with autocast:
                 s_logits = completion_logits(model, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])    # (B, C, V)
-                loss, per_token = token_divergence(
+                _, per_token = token_divergence(
                     s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
                     clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=r["comp"])
             # token mean over the effective batch: this micro-batch holds n_i of the N tokens
@@ -804,7 +804,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                                               top_k=cfg.top_k_loss, temperature=cfg.temperature)
                     clip_sum += ((per_token < raw) & r["c_mask"]).sum().item()
             loss_sum, kl_sum = loss_sum + per_token.sum().item(), kl_sum + kl.sum().item()
-            del t_logits, s_logits, loss, per_token
+            del t_logits, s_logits, per_token
             sec_teacher, sec_student = sec_teacher + tb - ta, sec_student + clock(device) - tb
         n = n_tokens.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -843,14 +843,14 @@ def train(cfg: Config, progress: bool = True) -> Path:
 # -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, teacher, eval_set, cfg, device, eos_ids, pad_id, opd=False, tok=None, skip_teacher=False,
-             bucket=1):
+def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, bucket=1):
     """Greedy accuracy on held-out problems: the student without the reference, and the privileged
     teacher with it (OPD: the separate teacher, on the student's prompt). The difference is the
     'privilege gap': what there is to distill."""
     roles = [("student", model, "student_ids")] + ([] if skip_teacher else
                                                    [("teacher", teacher, "student_ids" if opd else "teacher_ids")])
     result, texts = {"student_acc": None, "teacher_acc": None}, {}
+    eos_ids, pad_id, device = model.generation_config.eos_token_id, tok.pad_token_id, model.device
     eval_batch = 2 * cfg.batch_size
     for role, m, key in roles:
         correct, texts[role] = 0, []
@@ -863,11 +863,13 @@ def evaluate(model, teacher, eval_set, cfg, device, eos_ids, pad_id, opd=False, 
                 correct += extract_answer(text) == p["answer"]
                 texts[role].append(text)
         result[f"{role}_acc"] = correct / len(eval_set)
-    result["samples"] = [
-        {"problem": p["problem"], "gold": p["answer"], **{
-            k: v for role in texts for k, v in ((f"{role}_completion", texts[role][j]),
-                                                (f"{role}_answer", extract_answer(texts[role][j])))}}
-        for j, p in enumerate(eval_set[:3])]
+    result["samples"] = []
+    for j, p in enumerate(eval_set[:3]):  # a few problems, to read what each role wrote
+        sample_line = {"problem": p["problem"], "gold": p["answer"]}
+        for role in texts:
+            sample_line[f"{role}_completion"] = texts[role][j]
+            sample_line[f"{role}_answer"] = extract_answer(texts[role][j])
+        result["samples"].append(sample_line)
     return result
 
 
