@@ -56,6 +56,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -533,13 +534,30 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     was_training = model.training
     model.eval()  # in train mode with gradient checkpointing transformers drops the KV cache (pitfall 10)
     kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
-    if static_cache:
-        kw["cache_implementation"] = "static"
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                         eos_token_id=eos_ids, pad_token_id=pad_id, **kw)
+    if static_cache:  # room for prompt + completion; one graph per prompt bucket
+        kw["past_key_values"] = one_dtype_static_cache()(model.config, prompt_ids.shape[1] + max_new_tokens)
+    with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
+        warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_ids, pad_token_id=pad_id, **kw)
     model.train(was_training)
     completion = out[:, prompt_ids.shape[1]:]  # (B, C): generate returns prompt + completion
     return completion, completion_mask(completion, eos_ids)
+
+
+@functools.cache
+def one_dtype_static_cache():
+    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32 model's
+    rotary embedding leaves the keys in fp32 while the values are bf16, and a static cache holds one
+    dtype per layer (transformers' own `cache_implementation="static"` fails there). The attention
+    casts both to bf16 anyway, so nothing is lost. A class made on first use: transformers is
+    imported lazily throughout this file."""
+    from transformers import StaticCache
+
+    class OneDtypeStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
+    return OneDtypeStaticCache
 
 
 def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
@@ -563,10 +581,24 @@ def completion_logits(model, prompt_ids, prompt_mask, completion, comp_mask) -> 
     input_ids = torch.cat([prompt_ids, completion], dim=1)                      # (B, P + C)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)     # (B, P + C)
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)                            # pads left of the prompt: 0
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
-                logits_to_keep=C + 1)                                           # positions P-1 .. P+C-1
+    out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, model), position_ids=position_ids,
+                use_cache=False, logits_to_keep=C + 1)                          # positions P-1 .. P+C-1
     # The logit at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
     return out.logits[:, :-1, :]                                                # (B, C, V)
+
+
+def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
+    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is: query q
+    sees key k when k <= q and k is a real token -- and a pad also sees itself. Without that diagonal
+    a left pad's query row is masked entirely, and the fused attention kernels of CUDA PyTorch return
+    NaN gradients for such rows (on an H200, every gradient of the step was NaN once the rows held
+    ~40 pads). Real tokens never see a pad, and a pad's output is never scored: no used logit changes."""
+    L = attn.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()                     # (L, L)
+    mask = (causal & attn.bool()[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=attn.device)
+    if model.config._attn_implementation == "sdpa":
+        return mask                                              # True = attend, what SDPA takes
+    return torch.zeros(mask.shape, device=attn.device).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager: added
 
 
 def build_teacher(cfg: Config, student, student_tok, device):
@@ -766,6 +798,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 with autocast:
                     comp, c_mask = sample(model, s_ids, s_mask, cfg.max_new_tokens, cfg.temperature, eos_ids, pad_id,
                                           fast)
+            s_ids, s_mask = left_pad([p["student_ids"] for p in problems], pad_id, device)  # scored without the bucket
             t_ids, t_mask = left_pad([p["student_ids" if opd else "teacher_ids"] for p in problems], pad_id, device)
             rollouts.append(dict(s_ids=s_ids, s_mask=s_mask, t_ids=t_ids, t_mask=t_mask, comp=comp, c_mask=c_mask))
         t1 = clock(device)

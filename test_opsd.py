@@ -207,6 +207,35 @@ def test_completion_logits_row_n_scores_completion_token_n(tiny):
             assert not torch.allclose(got[b, :-1], full[P - 2:P + 1], rtol=1e-4, atol=1e-5)
 
 
+def test_attention_mask_has_no_fully_masked_row_and_eager_agrees(tiny):
+    """A left pad's query row must see something (itself): fused CUDA attention kernels return NaN
+    gradients for rows that see nothing. Real tokens must see exactly the real tokens up to them, and
+    the float mask given to eager attention must give the logits SDPA gives."""
+    model, _ = tiny
+    ids, mask = opsd.left_pad([[3, 14, 15, 92], [8], [9, 32]], pad_id=0)
+    comp = torch.tensor([[10, 11], [20, 21], [30, 0]])
+    c_mask = torch.tensor([[1, 1], [1, 1], [1, 0]], dtype=torch.bool)
+    attn = torch.cat([mask, c_mask.long()], 1)                               # (B, L)
+    m = opsd.attention_mask_4d(attn, model)                                  # (B, 1, L, L) bool under SDPA
+    assert m.shape == (3, 1, 6, 6) and m.dtype == torch.bool
+    assert m.any(-1).all()                                                   # no row sees nothing
+    real = attn.bool()
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    for b in range(3):
+        for q in range(6):
+            if real[b, q]:
+                assert torch.equal(m[b, 0, q], causal[q] & real[b])
+    model.eval()
+    with torch.no_grad():
+        sdpa = opsd.completion_logits(model, ids, mask, comp, c_mask)
+        model.set_attn_implementation("eager")
+        try:
+            eager = opsd.completion_logits(model, ids, mask, comp, c_mask)
+        finally:
+            model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(eager[c_mask], sdpa[c_mask], rtol=1e-4, atol=1e-5)
+
+
 def test_position_ids_follow_the_attention_mask(tiny):
     model, _ = tiny
     seen = {}
@@ -540,6 +569,26 @@ def test_static_cache_and_bucketed_prompts_generate_the_same_tokens(tiny):
         torch.manual_seed(0)
         got = opsd.sample(model, *bucketed, 12, temperature, eos, pad, static_cache=True)
         assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+def test_static_cache_works_under_bf16_autocast(tiny):
+    """The GPU path samples an fp32 model under bf16 autocast: the rotary embedding leaves keys in fp32
+    and values in bf16. transformers 5.17's static cache took one dtype from the keys and raised on
+    an H200 ("index_copy_(): self and source expected to have the same dtype"; CPU kernels cast
+    silently, newer versions keep two dtypes). Ours stores both in the values' dtype, and its
+    rollouts match the dynamic cache's under the same autocast."""
+    model, tok = tiny
+    cache = opsd.one_dtype_static_cache()(model.config, 8)
+    k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
+    keys, values = cache.update(k, v, 0)
+    assert keys.dtype == values.dtype == torch.bfloat16 and torch.equal(keys[:, :, :3], k.bfloat16())
+    eos, pad = [tok.eos_token_id], tok.pad_token_id
+    prompts = [opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "456 + 7")]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = opsd.sample(model, *opsd.left_pad(prompts, pad), 12, None, eos, pad)
+        got = opsd.sample(model, *opsd.left_pad(prompts, pad, multiple=64), 12, None, eos, pad, static_cache=True)
+    assert got[0].shape == want[0].shape
+    assert (got[0] == want[0]).float().mean() > 0.9  # bf16 keys vs fp32 keys: a rare greedy tie may differ
 
 
 def test_metrics_have_per_phase_timings_and_decode_speed(tmp_path):
