@@ -45,6 +45,7 @@ different thread counts) are not bit-reproducible, so two GPU runs can differ in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -106,6 +107,9 @@ class Config:
     teacher: str = arg("fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
                        ["fixed", "current", "ema"])
     ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
+    lora_rank: int = arg(0, "LoRA rank on every linear projection (q, k, v, o, gate, up, down), with peft; 0 = full "
+                            "fine-tuning. Under LoRA the fixed teacher is the adapter switched off (the authors: r 64)")
+    lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank; the authors: 128 for r 64)")
     # optimisation
     max_steps: int = arg(100, "optimizer steps")
     batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
@@ -180,6 +184,9 @@ def check_config(cfg: Config) -> None:
         raise OPSDError(f"--top-k-loss must be positive (got {cfg.top_k_loss})")
     if cfg.lr <= 0 or cfg.max_grad_norm <= 0:
         raise OPSDError("--lr and --max-grad-norm must be positive")
+    if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
+        raise OPSDError(f"--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive "
+                        f"(got {cfg.lora_rank}, {cfg.lora_alpha})")
     if cfg.arith_digits < 1 or cfg.arith_steps < 1:
         raise OPSDError("--arith-digits and --arith-steps must be at least 1")
 
@@ -333,6 +340,28 @@ def build_tiny(seed: int = 0):
         torch.manual_seed(seed)
         model = Qwen2ForCausalLM(config)
     return model, tok
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_lora(model, rank: int, alpha: int | None = None):
+    """model -> peft model with a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on every linear
+    projection of the decoder. Only the adapter trains; the base weights stay exactly as loaded, so
+    with the adapter switched off the model *is* the initial model: the fixed teacher, for free."""
+    try:
+        import peft
+    except ImportError:
+        raise OPSDError("--lora-rank needs peft: pip install peft") from None
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, bias="none",
+                             target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return peft.get_peft_model(model, config)  # adapter weights in fp32 even over a bf16 base
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter")  # a peft model
 
 
 def check_vocab(tok, vocab_of, name: str) -> None:
@@ -602,12 +631,14 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
 
 
 def build_teacher(cfg: Config, student, student_tok, device):
-    """The model whose logits are the target. fixed: frozen copy of the initial weights (bf16 on
-    CUDA); current: the student itself (no_grad); ema: an fp32 copy updated after every step
-    (bf16 would round the small EMA updates away); --teacher-model: a separate model (OPD)."""
+    """The model whose logits are the target. Full fine-tuning -- fixed: frozen copy of the initial
+    weights (bf16 on CUDA); current: the student itself (no_grad); ema: an fp32 copy updated after
+    every step (bf16 would round the small EMA updates away). LoRA: always the student's own module,
+    no weight copied; `teacher_weights` switches it to the teacher for a pass. --teacher-model: a
+    separate model (OPD), whatever the student is."""
     if cfg.teacher_model:
         teacher, _ = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=student_tok, device=device)
-    elif cfg.teacher == "current":
+    elif cfg.teacher == "current" or is_lora(student):
         return student
     else:
         teacher = copy.deepcopy(student)
@@ -616,10 +647,43 @@ def build_teacher(cfg: Config, student, student_tok, device):
     return teacher.to(device=device, dtype=torch.float32 if keep_fp32 else torch.bfloat16)
 
 
+def trainable(model) -> list[torch.nn.Parameter]:
+    """What the optimizer updates: every weight, or under LoRA the adapter's A and B matrices."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def teacher_weights(cfg: Config, model, ema_adapter: list[torch.Tensor] | None):
+    """Under LoRA the teacher is the student's own module; inside this block it holds the teacher's
+    weights. fixed: the adapter switched off, i.e. exactly the initial weights (as the authors);
+    ema: the EMA adapter's tensors swapped in and back (storages exchanged, nothing copied; the base
+    is shared); current: the adapter as it is. Full fine-tuning and OPD: the teacher is a model of
+    its own, and this block does nothing."""
+    if not is_lora(model) or cfg.teacher_model or cfg.teacher == "current":
+        yield
+    elif cfg.teacher == "fixed":
+        with model.disable_adapter():
+            yield
+    else:
+        params = trainable(model)
+        swap_(params, ema_adapter)
+        try:
+            yield
+        finally:
+            swap_(params, ema_adapter)
+
+
 @torch.no_grad()
-def ema_update(teacher, student, decay: float) -> None:
-    # theta_T <- decay * theta_T + (1 - decay) * theta_S
-    for t, s in zip(teacher.parameters(), student.parameters()):
+def swap_(params, tensors) -> None:
+    for p, t in zip(params, tensors):
+        p.data, t.data = t.data, p.data
+
+
+@torch.no_grad()
+def ema_update(teacher_tensors, student_tensors, decay: float) -> None:
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S, tensor by tensor: the whole teacher model's
+    parameters under full fine-tuning, the EMA copy of the adapter under LoRA."""
+    for t, s in zip(teacher_tensors, student_tensors):
         t.lerp_(s.to(t.dtype), 1.0 - decay)
 
 
@@ -728,6 +792,32 @@ def peak_memory_gb(device) -> float:
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20  # bytes on macOS, KiB on Linux
 
 
+def memory_arithmetic(cfg: Config, model, teacher, ema_adapter, records: list[dict], device) -> dict[str, int]:
+    """Where a step's memory goes, in bytes, from parameter counts, dtypes and shapes: arithmetic, not a
+    measurement (config.json keeps it beside the measured peak in metrics.jsonl). Not counted: the
+    activations kept for the backward pass, the allocator's slack, and on a CPU Python and torch."""
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    c, act = model.config, 2 if device.type == "cuda" else 4      # activations: bf16 autocast / fp32
+    own_teacher = teacher is not model                             # a copy, an EMA model, or OPD's model
+    B, C, V = cfg.batch_size, cfg.max_new_tokens, c.vocab_size
+    V_t = teacher.config.vocab_size if own_teacher else V
+    P = max(len(r["student_ids"]) for r in records)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rows = {
+        "student weights": nbytes(model.parameters()),
+        "gradients": nbytes(trainable(model)),
+        "AdamW states (2 per trained weight)": 2 * nbytes(trainable(model)),
+        "teacher weights": nbytes(teacher.parameters()) if own_teacher else nbytes(ema_adapter or []),
+        # keys and values, every layer, B rollouts of prompt + completion
+        "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
+        # (B, C + 1, V) rows from the teacher pass and from the student pass
+        "logits of one micro-batch (teacher + student)": B * (C + 1) * (V + V_t) * act,
+        # _divergence_chunk: two float copies, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32
+        "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, 2 ** 26 // V)) * V * 4,
+    }
+    return rows
+
+
 def train(cfg: Config, progress: bool = True) -> Path:
     """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir."""
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
@@ -738,9 +828,14 @@ def train(cfg: Config, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
 
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
-    model.to(device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank:  # the frozen base in bf16 on CUDA, as the authors; the adapter trains in fp32
+        model = add_lora(model.to(torch.bfloat16) if device.type == "cuda" else model, cfg.lora_rank, cfg.lora_alpha)
+    model.to(device)
+    n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
+    print(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); "
+          + (f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"))
     train_set, held_out = load_problems(cfg)
     if cfg.eval_size > len(held_out):
         print(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
@@ -752,23 +847,28 @@ def train(cfg: Config, progress: bool = True) -> Path:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     teacher = build_teacher(cfg, model, tok, device)
     opd, sft = cfg.teacher_model is not None, cfg.method == "sft"
+    ema_adapter = [p.detach().clone() for p in trainable(model)] if cfg.lora_rank and cfg.teacher == "ema" else None
+    teacher_on = functools.partial(teacher_weights, cfg, model, ema_adapter)  # `with teacher_on():` a teacher pass
     eos_ids, pad_id = model.generation_config.eos_token_id, tok.pad_token_id
     fast = cfg.static_cache and device.type == "cuda"  # static KV cache + compiled decoding
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr)
     make_output_dir(out_dir)
+    arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, train_set, device)
     write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "device": str(device), "n_train": len(train_set),
-                                         "n_eval": len(eval_set), "torch": torch.__version__})
+                                         "n_eval": len(eval_set), "torch": torch.__version__, "n_params": n_params,
+                                         "n_trainable": n_trainable,
+                                         "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}})
     metrics = open(out_dir / "metrics.jsonl", "w")
     teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
 
     def run_eval(step):
         nonlocal teacher_acc
-        frozen = teacher is not model and cfg.teacher != "ema"
+        frozen = opd or cfg.teacher == "fixed"
         with autocast:
             res = evaluate(model, teacher, tok, eval_set, cfg, opd, skip_teacher=frozen and teacher_acc is not None,
-                           bucket=bucket)
+                           bucket=bucket, teacher_on=teacher_on)
         teacher_acc = res["teacher_acc"] if res["teacher_acc"] is not None else teacher_acc
         line = {"split": "eval", "step": step, "student_acc": res["student_acc"], "teacher_acc": teacher_acc,
                 "n": len(eval_set)}
@@ -816,7 +916,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 loss_sum, kl_sum = loss_sum + per_token.sum().item(), math.nan
                 sec_student += clock(device) - ta
                 continue
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, teacher_on():
                 teacher.eval()
                 t_logits = completion_logits(teacher, r["t_ids"], r["t_mask"], r["comp"], r["c_mask"])  # (B, C, V')
             tb = clock(device)
@@ -840,7 +940,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
             del t_logits, s_logits, per_token
             sec_teacher, sec_student = sec_teacher + tb - ta, sec_student + clock(device) - tb
         n = n_tokens.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             save_checkpoint(model, tok, out_dir)
@@ -849,8 +949,10 @@ def train(cfg: Config, progress: bool = True) -> Path:
                             f"after step {step - 1}. Lower --lr or --max-grad-norm")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.teacher == "ema" and not opd:
-            ema_update(teacher, model, cfg.ema_decay)
+        if cfg.teacher == "ema" and not opd and cfg.lora_rank:
+            ema_update(ema_adapter, trainable(model), cfg.ema_decay)           # the adapter's EMA copy
+        elif cfg.teacher == "ema" and not opd:
+            ema_update(teacher.parameters(), model.parameters(), cfg.ema_decay)  # the whole model's EMA copy
         lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()
         eos = torch.tensor(eos_ids, device=device)
         truncated = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS: cut off
@@ -876,10 +978,12 @@ def train(cfg: Config, progress: bool = True) -> Path:
 # -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, bucket=1):
+def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, bucket=1,
+             teacher_on=contextlib.nullcontext):
     """Greedy accuracy on held-out problems: the student without the reference, and the privileged
     teacher with it (OPD: the separate teacher, on the student's prompt). The difference is the
-    'privilege gap': what there is to distill."""
+    'privilege gap': what there is to distill. teacher_on: the block that gives `teacher` the
+    teacher's weights (under LoRA: the adapter off, or the EMA adapter)."""
     roles = [("student", model, "student_ids")] + ([] if skip_teacher else
                                                    [("teacher", teacher, "student_ids" if opd else "teacher_ids")])
     result, texts = {"student_acc": None, "teacher_acc": None}, {}
@@ -890,7 +994,8 @@ def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, 
         for i in range(0, len(eval_set), eval_batch):
             chunk = eval_set[i:i + eval_batch]
             ids, mask = left_pad([p[key] for p in chunk], pad_id, device, bucket)
-            comp, c_mask = sample(m, ids, mask, cfg.max_new_tokens, None, eos_ids, pad_id, static_cache=bucket > 1)
+            with teacher_on() if role == "teacher" else contextlib.nullcontext():
+                comp, c_mask = sample(m, ids, mask, cfg.max_new_tokens, None, eos_ids, pad_id, static_cache=bucket > 1)
             for p, row, rmask in zip(chunk, comp, c_mask):
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
                 correct += extract_answer(text) == p["answer"]
@@ -975,10 +1080,17 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(model, tok, out_dir: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint."""
+    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
+    Under LoRA: checkpoint/ holds the merged model (W + (alpha / r) B A, loadable with transformers
+    alone) and checkpoint/adapter/ the adapter (loadable with peft). The merge runs on a copy: the
+    model in memory keeps its adapter unmerged (merging in place and back would round bf16 weights)."""
     tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if is_lora(model):
+        model.save_pretrained(tmp / "adapter")
+        copy.deepcopy(model).merge_and_unload().save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -432,12 +432,159 @@ def test_ema_teacher_moves_toward_the_student(tiny):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    opsd.ema_update(teacher, model, decay=0.9)
+    opsd.ema_update(teacher.parameters(), model.parameters(), decay=0.9)
     for b, t, s in zip(before, teacher.parameters(), model.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(1.0)
+
+
+# --- LoRA: the teacher is the adapter switched off ----------------------------------------------
+
+def lora_tiny(rank=4):
+    model, tok = opsd.load_model("tiny")
+    return opsd.add_lora(model, rank), tok
+
+
+def base_name(name):
+    """peft's name of a wrapped weight -> the plain model's name of it."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def nudge(model, rng_seed=0, lr=0.05, steps=3):
+    """A few real optimizer steps of the OPSD loss (fixed teacher = adapter off) on random completions."""
+    cfg = opsd.Config(teacher="fixed", lora_rank=4)
+    g = torch.Generator().manual_seed(rng_seed)
+    ids, mask = opsd.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    comp = torch.randint(3, 200, (2, 6), generator=g)
+    c_mask = torch.ones_like(comp, dtype=torch.bool)
+    opt = torch.optim.AdamW(opsd.trainable(model), lr=lr)
+    for _ in range(steps):
+        with torch.no_grad(), opsd.teacher_weights(cfg, model, None):
+            t_logits = opsd.completion_logits(model, ids + 1, mask, comp, c_mask)  # another prompt: a real target
+        loss, _ = opsd.token_divergence(opsd.completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return ids, mask, comp, c_mask
+
+
+def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_model():
+    initial, _ = opsd.load_model("tiny")
+    model, _ = lora_tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = nudge(model)
+    lora = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    ref = initial.state_dict()
+    for n, p in model.named_parameters():
+        if n in lora:
+            continue
+        assert torch.equal(p, before[n]) and torch.equal(p, ref[base_name(n)]), n  # base: bit-identical
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in lora)
+    cfg = opsd.Config(teacher="fixed", lora_rank=4)
+    model.eval()
+    with torch.no_grad():
+        want = opsd.completion_logits(initial.eval(), *batch)
+        with opsd.teacher_weights(cfg, model, None):
+            teacher = opsd.completion_logits(model, *batch)
+        student = opsd.completion_logits(model, *batch)
+    torch.testing.assert_close(teacher, want, rtol=0, atol=1e-6)  # adapter off = the initial weights
+    assert (student - want).abs().max() > 1e-3                      # while the student has moved
+
+
+def test_lora_holds_no_teacher_copy():
+    model, tok = lora_tiny()
+    for teacher in ("fixed", "current", "ema"):
+        t = opsd.build_teacher(opsd.Config(teacher=teacher, lora_rank=4), model, tok, torch.device("cpu"))
+        assert t is model
+        storages = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in t.parameters()}
+        assert len(storages) == len(list(model.parameters()))
+
+
+def test_lora_ema_adapter_follows_the_decay_rule_and_swaps_in_and_back():
+    model, _ = lora_tiny()
+    params = opsd.trainable(model)
+    ema = [p.detach().clone() for p in params]
+    nudge(model)
+    old, student = [e.clone() for e in ema], [p.detach().clone() for p in params]
+    opsd.ema_update(ema, params, decay=0.9)
+    for e, o, s in zip(ema, old, student):
+        torch.testing.assert_close(e, 0.9 * o + 0.1 * s)
+    want = [e.clone() for e in ema]
+    with opsd.teacher_weights(opsd.Config(teacher="ema", lora_rank=4), model, ema):
+        inside = [p.detach().clone() for p in params]
+    assert all(torch.equal(i, w) for i, w in zip(inside, want))                 # the teacher pass sees the EMA
+    assert all(torch.equal(p, s) for p, s in zip(params, student))              # and the student is back
+    assert all(torch.equal(e, w) for e, w in zip(ema, want))                    # the EMA is unchanged
+    assert any(not torch.equal(i, s) for i, s in zip(inside, student))
+
+
+def test_lora_checkpoint_is_merged_reloads_with_transformers_and_leaves_the_model_unmerged(tmp_path):
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    model, tok = lora_tiny()
+    batch = nudge(model)
+    model.eval()
+    with torch.no_grad():
+        before = opsd.completion_logits(model, *batch)
+    opsd.save_checkpoint(model, tok, tmp_path)
+    with torch.no_grad():
+        after = opsd.completion_logits(model, *batch)
+    assert torch.equal(before, after)
+    assert not any(getattr(m, "merged", False) for m in model.modules())  # the adapter is still separate
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(opsd.completion_logits(merged, *batch), before, rtol=1e-4, atol=1e-5)
+    fresh, _ = opsd.load_model("tiny")
+    adapter = PeftModel.from_pretrained(fresh, tmp_path / "checkpoint" / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(opsd.completion_logits(adapter, *batch), before, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "checkpoint.tmp").exists()
+
+
+@pytest.mark.parametrize("extra", [["--teacher", "fixed"], ["--teacher", "current"], ["--teacher", "ema"],
+                                   ["--teacher-model", "tiny"], ["--method", "sft"]])
+def test_lora_trains_with_every_teacher_opd_and_sft(tmp_path, extra, capsys):
+    cfg = opsd.parse_args(["--preset", "smoke", "--max-steps", "2", "--lora-rank", "4", "--lr", "1e-2",
+                           "--output-dir", str(tmp_path / "r"), *extra])
+    out = opsd.train(cfg, progress=False)
+    train, evals = opsd.read_metrics(out)
+    assert len(train) == 2 and all(math.isfinite(l["loss"]) for l in train) and len(evals) == 3
+    assert "parameters: 4,096 trainable / 33,056 total" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["n_trainable"] == 4096 and saved["memory_arithmetic_gb"]["teacher weights"] >= 0
+    assert (out / "checkpoint" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_bad_input(tmp_path, monkeypatch, capsys):
+    r = run_cli("--preset", "smoke", "--lora-rank", "-1", "--output-dir", str(tmp_path / "o"))
+    assert_one_line_error(r, "--lora-rank")
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    assert opsd.main(["--preset", "smoke", "--lora-rank", "4", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "pip install peft" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
+    model, tok = tiny
+    cfg = opsd.Config(batch_size=2, max_new_tokens=4)
+    records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
+    full = sum(p.numel() for p in model.parameters()) * 4  # bytes, fp32
+    copy_ = opsd.build_teacher(cfg, model, tok, torch.device("cpu"))
+    a = opsd.memory_arithmetic(cfg, model, copy_, None, records, torch.device("cpu"))
+    assert a["student weights"] == a["gradients"] == full == a["teacher weights"]
+    assert a["AdamW states (2 per trained weight)"] == 2 * full
+    P = max(len(r["student_ids"]) for r in records)
+    c = model.config
+    assert a["KV cache of one micro-batch's rollouts"] == 2 * c.num_hidden_layers * c.num_key_value_heads * \
+        (c.hidden_size // c.num_attention_heads) * 2 * (P + 4) * 4
+    lora, _ = lora_tiny()
+    b = opsd.memory_arithmetic(opsd.Config(**{**vars(cfg), "lora_rank": 4}), lora, lora, None, records,
+                               torch.device("cpu"))
+    assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
 
 
 # --- bad input: one line, non-zero exit, no traceback --------------------------------------------
