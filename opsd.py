@@ -15,8 +15,11 @@ Run it:
 Deliberate deviations from the authors' final recipe (forward KL, point-wise clip 0.05, fixed
 teacher, lr 5e-6, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with
 top-p 0.95 / top-k 20, LoRA r64):
- 1. Full fine-tuning instead of LoRA: fewer moving parts to read. The fixed teacher is therefore a
-    frozen copy of the initial weights (bf16 on CUDA) rather than "the adapter switched off".
+ 1. Full fine-tuning by default, LoRA as a choice (--lora-rank R, with peft): full fine-tuning has
+    fewer moving parts to read, and its fixed teacher is a frozen copy of the initial weights (bf16
+    on CUDA). The authors train a LoRA adapter (r 64, alpha 128, every linear projection), and
+    their fixed teacher is the same model with the adapter switched off: no weight is copied, which
+    is where OPSD's memory advantage over OPD comes from. --lora-rank 64 is their setting.
  2. Sampling at temperature 1.0 with no top-k/top-p: the rollout then comes from exactly the
     distribution the loss scores (pitfall 7). --temperature changes it; the same temperature then
     divides both student and teacher logits in the loss.
@@ -141,6 +144,13 @@ PRESETS = {
                    instruction="Write the equation and its result.",
                    max_new_tokens=32, batch_size=8, grad_accum=1, lr=2e-5, clip="none",
                    max_steps=40, eval_every=10, eval_size=100, device="cpu"),
+    # The laptop run with the authors' kind of training: a rank-16 LoRA adapter, the fixed teacher the
+    # adapter switched off. An adapter's update starts at zero and is small: lr ten times full
+    # fine-tuning's (README, measured).
+    "laptop-lora": dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
+                        instruction="Write the equation and its result.",
+                        max_new_tokens=32, batch_size=8, grad_accum=1, lr=2e-4, clip="none", lora_rank=16,
+                        max_steps=40, eval_every=10, eval_size=100, device="cpu"),
     # Seconds on a CPU, random weights: for tests and smoke runs, learns nothing.
     "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
                   max_steps=2, eval_every=1, eval_size=8, lr=1e-3, device="cpu"),
@@ -857,7 +867,8 @@ def train(cfg: Config, progress: bool = True) -> Path:
     make_output_dir(out_dir)
     arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, train_set, device)
     write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "device": str(device), "n_train": len(train_set),
-                                         "n_eval": len(eval_set), "torch": torch.__version__, "n_params": n_params,
+                                         "n_eval": len(eval_set), "torch": torch.__version__, "machine": machine_name(device),
+                                         "n_params": n_params,
                                          "n_trainable": n_trainable,
                                          "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}})
     metrics = open(out_dir / "metrics.jsonl", "w")
@@ -1070,6 +1081,18 @@ def make_output_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def machine_name(device) -> str:
+    """'NVIDIA H200', or 'AMD EPYC 7B13, 2 cores': what config.json and the memory plot name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} cores"
+
+
 def log(f, line: dict) -> None:
     f.write(json.dumps(line) + "\n")
     f.flush()
@@ -1179,22 +1202,25 @@ def plot_phases(run, ax=None):
     return fig
 
 
-def plot_memory(runs: dict, axes=None):
-    """Left: peak memory per step of each run. Right: the largest step of each, side by side."""
+def plot_memory(runs: dict, axes=None, machine: str | None = None):
+    """Left: peak memory per step of each run. Right: the largest step of each, side by side. The
+    unit (CUDA max allocated or CPU peak RSS) and the machine (from config.json, or `machine`) are
+    in the labels: memory measured on one machine is not memory on another."""
     fig, axes = _axes(None, ncols=2) if axes is None else (axes[0].figure, axes)
     unit = "GB"
     for label, run in runs.items():
         train = read_metrics(run)[0]
-        cuda = json.loads((Path(run) / "config.json").read_text())["device"].startswith("cuda")
-        unit = "GB, CUDA max allocated" if cuda else "GB, CPU peak RSS"
+        saved = json.loads((Path(run) / "config.json").read_text())
+        unit = "GB, CUDA max allocated" if saved["device"].startswith("cuda") else "GB, CPU peak RSS"
+        machine = machine or saved.get("machine")
         axes[0].plot([l["step"] for l in train], [l["peak_mem_gb"] for l in train], "o-", label=label)
     axes[0].set(xlabel="step", ylabel=f"peak memory ({unit})", title="Peak memory per step")
     axes[0].legend()
     peaks = {label: max(l["peak_mem_gb"] for l in read_metrics(run)[0]) for label, run in runs.items()}
-    bars = axes[1].bar(list(peaks), list(peaks.values()), color=["C0", "C1", "C2", "C3"][:len(peaks)])
+    bars = axes[1].bar(list(peaks), list(peaks.values()), color=[f"C{i}" for i in range(len(peaks))])
     axes[1].bar_label(bars, fmt="%.2f")
-    axes[1].tick_params(axis="x", labelsize=8)
-    axes[1].set(ylabel=f"peak memory ({unit})", title="OPSD vs OPD")
+    axes[1].tick_params(axis="x", labelsize=7)
+    axes[1].set(ylabel=f"peak memory ({unit})", title="OPSD vs OPD" + (f" -- {machine}" if machine else ""))
     return fig
 
 
@@ -1215,13 +1241,13 @@ def plot_token_scores(scores: dict, ax=None, max_tokens: int = 48):
 
 def save_figures(run_dir, memory_runs: dict | None = None, out_dir="figures", seed: int = 0) -> list[Path]:
     """figures/*.png from a finished run: divergence, accuracy, the token picture from the run's
-    *initial* model, and memory (the run, beside memory_runs: label -> run dir, e.g. an OPD run)."""
+    *initial* model, and memory: of memory_runs (label -> run dir) when given, else of the run."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(run_dir)
     figs = {"divergence.png": plot_divergence({"OPSD": run_dir}),
             "accuracy.png": plot_accuracy({"OPSD": run_dir}),
-            "memory.png": plot_memory({f"OPSD {cfg.teacher}\n({cfg.max_steps} steps)": run_dir, **(memory_runs or {})})}
+            "memory.png": plot_memory(memory_runs or {f"OPSD {cfg.teacher}\n({cfg.max_steps} steps)": run_dir})}
     model, tok = load_model(cfg.model, seed=cfg.seed)
     record = encode_problems(tok, load_problems(cfg)[1][:1], cfg, None)[0]
     figs["token_kl.png"] = plot_token_scores(token_scores(model, model, tok, record, cfg, seed=seed))
