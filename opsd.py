@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------
@@ -422,12 +423,13 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
     return out
 
 
-def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+def load_problems(cfg: Config, world: int = 1) -> tuple[list[dict], list[dict]]:
     """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
-    when the source has one, otherwise a seeded 20% slice held out before training sees anything."""
+    when the source has one, otherwise a seeded 20% slice held out before training sees anything.
+    world: the number of processes (the generator makes what all of them will draw)."""
     name = cfg.dataset
     if name == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
-        n_train = min(20000, cfg.max_steps * cfg.grad_accum * cfg.batch_size)
+        n_train = min(20000, cfg.max_steps * cfg.grad_accum * cfg.batch_size * world)
         pool = make_arithmetic(cfg.eval_size + n_train, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
             raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
@@ -620,7 +622,7 @@ def completion_logits(model, prompt_ids, prompt_mask, completion, comp_mask) -> 
     input_ids = torch.cat([prompt_ids, completion], dim=1)                      # (B, P + C)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)     # (B, P + C)
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)                            # pads left of the prompt: 0
-    out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, model), position_ids=position_ids,
+    out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, unwrap(model)), position_ids=position_ids,
                 use_cache=False, logits_to_keep=C + 1)                          # positions P-1 .. P+C-1
     # The logit at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
     return out.logits[:, :-1, :]                                                # (B, C, V)
@@ -778,13 +780,73 @@ def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature
 # 8. Training loop
 # -----------------------------------------------------------------------------------------------
 
-def batches(records: list[dict], size: int, seed: int):
-    """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch."""
+def batches(records: list[dict], size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch.
+    With W processes, every one shuffles alike and takes its own `size` of each W * size slice."""
     rng, epoch = random.Random(seed), list(records)
     while True:
         rng.shuffle(epoch)
-        for i in range(0, len(epoch) - size + 1, size):
-            yield epoch[i:i + size]
+        for i in range(0, len(epoch) - size * world + 1, size * world):
+            yield epoch[i + rank * size:i + (rank + 1) * size]
+
+
+# Several processes: `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (or, for
+# the tests, once per CPU process with gloo), and PyTorch's DistributedDataParallel (DDP) averages
+# the gradients. `python opsd.py` without the launcher makes no process group at all. What changes:
+#  * --batch-size is per process: the effective batch is batch-size x grad-accum x W.
+#  * Every process shuffles the training problems with the same seed and takes a disjoint share of
+#    each epoch (`batches`); each samples with its own seed (seed + rank).
+#  * The loss stays the token mean over the *global* batch: N, the step's completion tokens, is
+#    summed over the processes (one all-reduce per step), and each micro-batch's loss is
+#    W * sum_i / N, because DDP averages the W gradients: the update equals that of one process on
+#    the union of the rollouts (a test checks it).
+#  * Gradients are synchronised once per step, on the last micro-batch (no_sync on the others).
+#  * The fixed and EMA teachers need no communication: DDP starts every process from rank 0's
+#    weights, the teacher is built from them after that, and every process applies the same
+#    averaged update, so all copies stay identical (checked at the end of the run).
+#  * Rank 0 alone writes outputs, prints and draws the progress bar; metrics are first summed
+#    (losses, token and rollout counts) or maxed (seconds, memory) over the processes, so
+#    metrics.jsonl means the same at any W. Evaluation: each process grades its own slice of the
+#    held-out problems, and the counts are summed.
+
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun: one process group, NCCL on CUDA (the device from
+    LOCAL_RANK), gloo on a CPU. Without it: (0, 1, --device) and no process group."""
+    if "RANK" not in os.environ:
+        return 0, 1, resolve_device(cfg.device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """The same list on every process, summed (or maxed) over the processes; as is, alone."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def unwrap(model):
+    """The model inside DDP's wrapper (generate, save, config); the model itself otherwise."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def check_replicas(model, device) -> None:
+    """After training with several processes, every process must hold the same weights."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([p.detach().double().flatten() for p in trainable(model)])
+    mine = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine.to(device))
+    if any(not torch.equal(e, every[0]) for e in every):
+        raise OPSDError("the processes' weights differ after training: a synchronisation bug, please report it")
 
 
 def clock(device) -> float:
@@ -829,13 +891,25 @@ def memory_arithmetic(cfg: Config, model, teacher, ema_adapter, records: list[di
 
 
 def train(cfg: Config, progress: bool = True) -> Path:
-    """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir."""
-    from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
+    """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir.
+    Under torchrun, one process of several (see above): the process group ends with the run."""
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    rank, world, device = setup_distributed(cfg)
+    try:
+        return _train(cfg, progress and rank == 0, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
+    from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
+    say = print if rank == 0 else lambda *a, **k: None  # noqa: E731
     out_dir = check_output_dir(cfg)
+    if world > 1:
+        dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
 
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
@@ -844,17 +918,20 @@ def train(cfg: Config, progress: bool = True) -> Path:
         model = add_lora(model.to(torch.bfloat16) if device.type == "cuda" else model, cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
-    print(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); "
+    say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); "
           + (f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"))
-    train_set, held_out = load_problems(cfg)
+    train_set, held_out = load_problems(cfg, world)
     if cfg.eval_size > len(held_out):
-        print(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
+        say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
     context = getattr(model.config, "max_position_embeddings", None)
-    n_train = min(len(train_set), cfg.max_steps * cfg.grad_accum * cfg.batch_size)  # what the run can see
+    n_train = min(len(train_set), cfg.max_steps * cfg.grad_accum * cfg.batch_size * world)  # what the run can see
     train_set = encode_problems(tok, random.Random(cfg.seed).sample(train_set, n_train), cfg, context)
     eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
     if len(train_set) < cfg.batch_size:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
+    # DDP: every process now holds rank 0's weights; the student's passes go through the wrapper
+    student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
     teacher = build_teacher(cfg, model, tok, device)
     opd, sft = cfg.teacher_model is not None, cfg.method == "sft"
     ema_adapter = [p.detach().clone() for p in trainable(model)] if cfg.lora_rank and cfg.teacher == "ema" else None
@@ -864,33 +941,36 @@ def train(cfg: Config, progress: bool = True) -> Path:
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr)
-    make_output_dir(out_dir)
     arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, train_set, device)
-    write_json(out_dir / "config.json", {**dataclasses.asdict(cfg), "device": str(device), "n_train": len(train_set),
-                                         "n_eval": len(eval_set), "torch": torch.__version__, "machine": machine_name(device),
-                                         "n_params": n_params,
-                                         "n_trainable": n_trainable,
-                                         "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}})
-    metrics = open(out_dir / "metrics.jsonl", "w")
+    if rank == 0:
+        make_output_dir(out_dir)
+        write_json(out_dir / "config.json", {
+            **dataclasses.asdict(cfg), "device": str(device), "world_size": world, "machine": machine_name(device),
+            "n_train": len(train_set), "n_eval": len(eval_set), "torch": torch.__version__, "n_params": n_params,
+            "n_trainable": n_trainable, "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}})
+    metrics = open(out_dir / "metrics.jsonl", "w") if rank == 0 else None
     teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
 
     def run_eval(step):
         nonlocal teacher_acc
         frozen = opd or cfg.teacher == "fixed"
+        k = math.ceil(len(eval_set) / world)  # each process grades its own slice; rank 0's comes first
         with autocast:
-            res = evaluate(model, teacher, tok, eval_set, cfg, opd, skip_teacher=frozen and teacher_acc is not None,
-                           bucket=bucket, teacher_on=teacher_on)
-        teacher_acc = res["teacher_acc"] if res["teacher_acc"] is not None else teacher_acc
-        line = {"split": "eval", "step": step, "student_acc": res["student_acc"], "teacher_acc": teacher_acc,
+            res = evaluate(model, teacher, tok, eval_set[rank * k:(rank + 1) * k], cfg, opd,
+                           skip_teacher=frozen and teacher_acc is not None, bucket=bucket, teacher_on=teacher_on)
+        student_ok, teacher_ok = all_reduce([res["student_correct"], res["teacher_correct"] or 0], device)
+        teacher_acc = teacher_ok / len(eval_set) if res["teacher_correct"] is not None else teacher_acc
+        line = {"split": "eval", "step": step, "student_acc": student_ok / len(eval_set), "teacher_acc": teacher_acc,
                 "n": len(eval_set)}
         log(metrics, line)
-        with open(out_dir / "samples.jsonl", "a") as f:
-            for s in res["samples"]:
-                f.write(json.dumps({"step": step, **s}) + "\n")
+        if rank == 0:
+            with open(out_dir / "samples.jsonl", "a") as f:
+                for s in res["samples"]:
+                    f.write(json.dumps({"step": step, **s}) + "\n")
         return line
 
     last_eval = run_eval(0) if eval_set else None
-    stream = batches(train_set, cfg.batch_size, cfg.seed)
+    stream = batches(train_set, cfg.batch_size, cfg.seed, rank, world)
     bar = tqdm(range(1, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True)
     step = 0
     for step in bar:
@@ -913,17 +993,22 @@ def train(cfg: Config, progress: bool = True) -> Path:
             t_ids, t_mask = left_pad([p["student_ids" if opd else "teacher_ids"] for p in problems], pad_id, device)
             rollouts.append(dict(s_ids=s_ids, s_mask=s_mask, t_ids=t_ids, t_mask=t_mask, comp=comp, c_mask=c_mask))
         t1 = clock(device)
-        n_tokens = sum(r["c_mask"].sum() for r in rollouts).clamp(min=1)  # N: completion tokens in the step
+        n_tokens = sum(r["c_mask"].sum() for r in rollouts)  # N: completion tokens in the step, all processes
+        if world > 1:
+            dist.all_reduce(n_tokens)
+        n_tokens = n_tokens.clamp(min=1)
         sec_teacher = sec_student = 0.0
         loss_sum = kl_sum = clip_sum = 0.0
-        for r in rollouts:
+        for i, r in enumerate(rollouts):
+            # DDP: gradients are averaged once, after the last micro-batch's backward
+            sync = student.no_sync() if world > 1 and i < len(rollouts) - 1 else contextlib.nullcontext()
             ta = clock(device)
             if sft:
-                model.train()
-                with autocast:
-                    s_logits = completion_logits(model, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])
+                student.train()
+                with sync, autocast:
+                    s_logits = completion_logits(student, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])
                     _, per_token = cross_entropy(s_logits, r["comp"], r["c_mask"])
-                (per_token.sum() / n_tokens).backward()
+                    (per_token.sum() * world / n_tokens).backward()
                 loss_sum, kl_sum = loss_sum + per_token.sum().item(), math.nan
                 sec_student += clock(device) - ta
                 continue
@@ -931,14 +1016,16 @@ def train(cfg: Config, progress: bool = True) -> Path:
                 teacher.eval()
                 t_logits = completion_logits(teacher, r["t_ids"], r["t_mask"], r["comp"], r["c_mask"])  # (B, C, V')
             tb = clock(device)
-            model.train()
-            with autocast:
-                s_logits = completion_logits(model, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])    # (B, C, V)
-                _, per_token = token_divergence(
-                    s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
-                    clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=r["comp"])
-            # token mean over the effective batch: this micro-batch holds n_i of the N tokens
-            (per_token.sum() / n_tokens).backward()
+            student.train()
+            with sync:
+                with autocast:
+                    s_logits = completion_logits(student, r["s_ids"], r["s_mask"], r["comp"], r["c_mask"])  # (B, C, V)
+                    _, per_token = token_divergence(
+                        s_logits, t_logits, r["c_mask"], loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
+                        clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss, temperature=cfg.temperature,
+                        sampled_tokens=r["comp"])
+                # token mean over the effective batch: this micro-batch holds n_i of the N tokens (x W: DDP averages)
+                (per_token.sum() * world / n_tokens).backward()
             with torch.no_grad():  # monitors, from the same logits: forward KL, and how often the clip bites
                 plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
                 kl = per_token if plain_kl else token_divergence(s_logits, t_logits, r["c_mask"],
@@ -951,11 +1038,19 @@ def train(cfg: Config, progress: bool = True) -> Path:
             del t_logits, s_logits, per_token
             sec_teacher, sec_student = sec_teacher + tb - ta, sec_student + clock(device) - tb
         n = n_tokens.item()
+        lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()
+        eos = torch.tensor(eos_ids, device=device)
+        truncated = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS: cut off
+        loss_sum, kl_sum, clip_sum, len_sum, trunc_sum, n_rollouts = all_reduce(
+            [loss_sum, kl_sum, clip_sum, lens.sum().item(), truncated.sum().item(), len(lens)], device)
+        sec_generate, sec_teacher, sec_student, peak = all_reduce(
+            [t1 - t0, sec_teacher, sec_student, peak_memory_gb(device)], device, op="max")
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            save_checkpoint(model, tok, out_dir)
-            metrics.close()
+            if rank == 0:
+                save_checkpoint(model, tok, out_dir)
+                metrics.close()
             raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
                             f"after step {step - 1}. Lower --lr or --max-grad-norm")
         optimizer.step()
@@ -964,23 +1059,24 @@ def train(cfg: Config, progress: bool = True) -> Path:
             ema_update(ema_adapter, trainable(model), cfg.ema_decay)           # the adapter's EMA copy
         elif cfg.teacher == "ema" and not opd:
             ema_update(teacher.parameters(), model.parameters(), cfg.ema_decay)  # the whole model's EMA copy
-        lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()
-        eos = torch.tensor(eos_ids, device=device)
-        truncated = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS: cut off
         line = {"split": "train", "step": step, "loss": loss_sum / n, "divergence": None if sft else kl_sum / n,
-                "completion_len": lens.mean().item(), "truncated_frac": truncated.mean().item(),
-                "clip_frac": clip_sum / n, "grad_norm": grad_norm.item(), "sec_generate": t1 - t0,
-                "ms_per_decode_step": None if sft else 1000 * (t1 - t0) / sum(r["comp"].shape[1] for r in rollouts),
-                "sec_teacher": sec_teacher, "sec_student": sec_student, "peak_mem_gb": peak_memory_gb(device)}
+                "completion_len": len_sum / n_rollouts, "truncated_frac": trunc_sum / n_rollouts,
+                "clip_frac": clip_sum / n, "grad_norm": grad_norm.item(), "sec_generate": sec_generate,
+                "ms_per_decode_step": None if sft else 1000 * sec_generate / sum(r["comp"].shape[1] for r in rollouts),
+                "sec_teacher": sec_teacher, "sec_student": sec_student, "peak_mem_gb": peak}
         log(metrics, line)
-        if step == 1 and fast:
+        if step == 1 and fast and rank == 0:
             tqdm.write(f"step 1 rollouts: {t1 - t0:.1f} s, including the one-time compile of the decoder")
         if eval_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             last_eval = run_eval(step)
         acc = f"{last_eval['student_acc']:.2f}/{last_eval['teacher_acc']:.2f}" if last_eval else "-"
         bar.set_postfix(loss=f"{line['loss']:.4f}", div=f"{kl_sum / n:.3f}", len=f"{line['completion_len']:.0f}", acc=acc)
-    metrics.close()
-    save_checkpoint(model, tok, out_dir)
+    check_replicas(model, device)
+    if rank == 0:
+        metrics.close()
+        save_checkpoint(model, tok, out_dir)
+        if world > 1:
+            say(f"checked: the weights are identical in all {world} processes")
     return out_dir
 
 
@@ -997,7 +1093,7 @@ def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, 
     teacher's weights (under LoRA: the adapter off, or the EMA adapter)."""
     roles = [("student", model, "student_ids")] + ([] if skip_teacher else
                                                    [("teacher", teacher, "student_ids" if opd else "teacher_ids")])
-    result, texts = {"student_acc": None, "teacher_acc": None}, {}
+    result, texts = {"student_acc": None, "teacher_acc": None, "student_correct": None, "teacher_correct": None}, {}
     eos_ids, pad_id, device = model.generation_config.eos_token_id, tok.pad_token_id, model.device
     eval_batch = 2 * cfg.batch_size
     for role, m, key in roles:
@@ -1011,7 +1107,7 @@ def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, 
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
                 correct += extract_answer(text) == p["answer"]
                 texts[role].append(text)
-        result[f"{role}_acc"] = correct / len(eval_set)
+        result[f"{role}_acc"], result[f"{role}_correct"] = correct / max(1, len(eval_set)), correct
     result["samples"] = []
     for j, p in enumerate(eval_set[:3]):  # a few problems, to read what each role wrote
         sample_line = {"problem": p["problem"], "gold": p["answer"]}
@@ -1094,6 +1190,8 @@ def machine_name(device) -> str:
 
 
 def log(f, line: dict) -> None:
+    if f is None:  # not rank 0
+        return
     f.write(json.dumps(line) + "\n")
     f.flush()
 
@@ -1259,23 +1357,28 @@ def save_figures(run_dir, memory_runs: dict | None = None, out_dir="figures", se
 
 
 def main(argv=None) -> int:
+    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone speaks
     try:
         from huggingface_hub.utils import logging as hub_logging
         hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
-        cfg = parse_args(argv)
-        if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss):
+        with contextlib.nullcontext() if lead else contextlib.redirect_stderr(open(os.devnull, "w")):
+            cfg = parse_args(argv)     # a bad flag: argparse's message once, not once per process
+        if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
         out = train(cfg)
     except OPSDError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if lead:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print("error: CUDA out of memory; lower --batch-size (raise --grad-accum to keep the effective batch), "
+        print(f"error: CUDA out of memory (rank {os.environ.get('RANK', 0)}); lower --batch-size (raise --grad-accum to keep the effective batch), "
               "lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if not lead:
+        return 0
     _, evals = read_metrics(out)
     if evals:
         print(f"done: student accuracy {evals[0]['student_acc']:.1%} -> {evals[-1]['student_acc']:.1%}, "

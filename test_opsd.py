@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -585,6 +586,62 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     b = opsd.memory_arithmetic(opsd.Config(**{**vars(cfg), "lora_rank": 4}), lora, lora, None, records,
                                torch.device("cpu"))
     assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
+
+
+# --- several processes: torchrun, DDP, gloo on the CPU ---------------------------------------------
+
+def torchrun(*args, n=2):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(HERE / "opsd.py"), *args], capture_output=True, text=True, cwd=HERE, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--teacher", "ema", "--grad-accum", "2", "--lr", "1e-2"]])
+def test_torchrun_two_processes_train_and_write_every_output_once(tmp_path, extra):
+    out = tmp_path / "r"
+    r = torchrun("--preset", "smoke", "--max-steps", "2", "--output-dir", str(out), *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint"}
+    train, evals = opsd.read_metrics(out)
+    assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
+    assert all(math.isfinite(l["loss"]) for l in train) and all(l["n"] == 8 for l in evals)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 9  # written by rank 0 alone
+    assert r.stdout.count("done:") == 1 and r.stdout.count("parameters:") == 1
+    assert "the weights are identical in all 2 processes" in r.stdout  # checksums gathered to rank 0
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+def test_two_processes_make_the_one_process_update(tmp_path):
+    """--method sft (no sampling): 2 processes x batch 2 must give the weights of 1 process x batch 4
+    on the same four problems. References differ in length, so a per-process token mean (instead of
+    the global one) moves the weights elsewhere."""
+    from safetensors.torch import load_file
+    common = ["--preset", "smoke", "--method", "sft", "--arith-steps", "3", "--max-new-tokens", "64", "--max-steps", "1",
+              "--eval-size", "0",
+              "--lr", "1e-3", "--max-grad-norm", "1e9"]
+    one = tmp_path / "one"
+    assert opsd.main([*common, "--batch-size", "4", "--output-dir", str(one)]) == 0
+    r = torchrun(*common, "--batch-size", "2", "--output-dir", str(tmp_path / "two"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (load_file(tmp_path / d / "checkpoint" / "model.safetensors") for d in ("one", "two"))
+    fresh = opsd.load_model("tiny")[0].state_dict()
+    assert any(not torch.equal(a[k], fresh[k]) for k in a)  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    lens = {len(p["reference_ids"]) for p in opsd.encode_problems(
+        opsd.load_model("tiny")[1], opsd.load_problems(opsd.parse_args(common + ["--batch-size", "4"]))[0],
+        opsd.parse_args(common), None)}
+    assert len(lens) > 1  # the test can tell the weightings apart
+
+
+def test_torchrun_bad_input_stops_every_process_with_one_line(tmp_path):
+    start = time.time()
+    r = torchrun("--preset", "smoke", "--max-steps", "0", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode != 0 and time.time() - start < 120
+    assert r.stderr.count("error: --max-steps must be positive") == 1, r.stderr[-2000:]
+    r = torchrun("--preset", "smoke", "--loss", "nonsense", "--output-dir", str(tmp_path / "o"))
+    assert r.returncode != 0 and r.stderr.count("invalid choice") == 1, r.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
 
 
 # --- bad input: one line, non-zero exit, no traceback --------------------------------------------
