@@ -1304,7 +1304,7 @@ def plot_memory(runs: dict, axes=None, machine: str | None = None):
     """Left: peak memory per step of each run. Right: the largest step of each, side by side. The
     unit (CUDA max allocated or CPU peak RSS) and the machine (from config.json, or `machine`) are
     in the labels: memory measured on one machine is not memory on another."""
-    fig, axes = _axes(None, ncols=2) if axes is None else (axes[0].figure, axes)
+    fig, axes = _axes(None, ncols=2, width=max(6.0, 1.15 * len(runs))) if axes is None else (axes[0].figure, axes)
     unit = "GB"
     for label, run in runs.items():
         train = read_metrics(run)[0]
@@ -1313,7 +1313,8 @@ def plot_memory(runs: dict, axes=None, machine: str | None = None):
         machine = machine or saved.get("machine")
         axes[0].plot([l["step"] for l in train], [l["peak_mem_gb"] for l in train], "o-", label=label)
     axes[0].set(xlabel="step", ylabel=f"peak memory ({unit})", title="Peak memory per step")
-    axes[0].legend()
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=7)
     peaks = {label: max(l["peak_mem_gb"] for l in read_metrics(run)[0]) for label, run in runs.items()}
     bars = axes[1].bar(list(peaks), list(peaks.values()), color=[f"C{i}" for i in range(len(peaks))])
     axes[1].bar_label(bars, fmt="%.2f")
