@@ -58,7 +58,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -128,6 +130,9 @@ class Config:
     eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
     overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
+    resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same settings; "
+                              "--max-steps may grow)")
+    keep_checkpoints: int = arg(2, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep")
     seed: int = arg(0, "seed for data order, sampling and the tiny model")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
@@ -183,6 +188,8 @@ def check_config(cfg: Config) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens"):
         if getattr(cfg, name) <= 0:
             raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    if cfg.keep_checkpoints < 1:
+        raise OPSDError(f"--keep-checkpoints must be at least 1 (got {cfg.keep_checkpoints})")
     if cfg.eval_every < 0 or cfg.eval_size < 0:
         raise OPSDError("--eval-every and --eval-size must be 0 or positive")
     if cfg.temperature <= 0:
@@ -423,14 +430,16 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
     return out
 
 
-def load_problems(cfg: Config, world: int = 1) -> tuple[list[dict], list[dict]]:
+ARITH_POOL = 2000  # training problems the arithmetic generator makes (the laptop run draws 320)
+
+
+def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
     """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
     when the source has one, otherwise a seeded 20% slice held out before training sees anything.
-    world: the number of processes (the generator makes what all of them will draw)."""
+    Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
     name = cfg.dataset
     if name == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
-        n_train = min(20000, cfg.max_steps * cfg.grad_accum * cfg.batch_size * world)
-        pool = make_arithmetic(cfg.eval_size + n_train, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
+        pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
             raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
                             f"problems; lower --eval-size or raise --arith-digits")
@@ -780,9 +789,10 @@ def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature
 # 8. Training loop
 # -----------------------------------------------------------------------------------------------
 
-def batches(records: list[dict], size: int, seed: int, rank: int = 0, world: int = 1):
+def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
     """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch.
-    With W processes, every one shuffles alike and takes its own `size` of each W * size slice."""
+    With W processes, every one shuffles alike and takes its own `size` of each W * size slice.
+    The stream depends on the records and the seed only: a resumed run skips what it has drawn."""
     rng, epoch = random.Random(seed), list(records)
     while True:
         rng.shuffle(epoch)
@@ -890,6 +900,106 @@ def memory_arithmetic(cfg: Config, model, teacher, ema_adapter, records: list[di
     return rows
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the run stopped after a completed step, whose checkpoint it wrote."""
+
+    def __init__(self, step, out_dir, code):
+        super().__init__(f"interrupted after step {step}: {out_dir}/checkpoint-step{step} holds it; continue with the "
+                         f"same command plus --resume")
+        self.code = code
+
+
+class StopSignal:
+    """The first Ctrl-C (SIGINT) or SIGTERM, which notebook services and schedulers send, asks the
+    loop to stop after the current step; a second one stops at once. Outside the main thread (no
+    signals there) it does nothing."""
+
+    def __init__(self, say):
+        self.signum, self.old, self.say = None, {}, say
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.say(f"\n{signal.Signals(signum).name}: stopping after this step (once more to stop at once)", file=sys.stderr)
+
+    def restore(self):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        self.old = {}
+
+
+RESUME_FREE = {"preset", "max_steps", "output_dir", "overwrite", "resume", "keep_checkpoints"}
+
+
+def step_checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint-step<N>/ folders, oldest first."""
+    found = [p for p in Path(out_dir).glob("checkpoint-step*") if p.is_dir() and p.name[15:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[15:]))
+
+
+def load_training_state(cfg: Config, out_dir: Path) -> dict:
+    """--resume: the last step checkpoint in out_dir, after checking that the run's settings are the
+    same except for --max-steps and the output flags."""
+    ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
+    if not ckpts or not (out_dir / "config.json").is_file():
+        raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
+    saved = json.loads((out_dir / "config.json").read_text())
+    changed = [f.name for f in dataclasses.fields(Config)
+               if f.name not in RESUME_FREE and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
+    if changed:
+        raise OPSDError("--resume: the run in " + str(out_dir) + " was started with " + ", ".join(
+            f"--{n.replace('_', '-')} {saved[n]}" for n in changed) + "; only --max-steps may change")
+    state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False)
+    if state["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
+        raise OPSDError(f"--resume: the run used {state['world_size']} processes; resume it with as many")
+    if cfg.max_steps <= state["step"]:
+        raise OPSDError(f"--resume: {ckpts[-1].name} is already at step {state['step']}; raise --max-steps")
+    return {**state, "dir": ckpts[-1]}
+
+
+def restore_training_state(state: dict, model, teacher, ema_adapter, optimizer, cfg: Config, rank: int) -> int:
+    """The student's weights (or adapter), AdamW's state, the EMA teacher and the sampling RNG, as they
+    were after the checkpoint's step. Returns that step."""
+    from safetensors.torch import load_file
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+        set_peft_model_state_dict(model, load_file(state["dir"] / "adapter" / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for f in sorted(state["dir"].glob("*.safetensors")):
+            weights.update(load_file(f))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or any(k not in ("lm_head.weight",) for k in missing):  # tied head: not saved twice
+            raise OPSDError(f"--resume: {state['dir']} does not hold this model's weights")
+    optimizer.load_state_dict(state["optimizer"])
+    if cfg.teacher == "ema" and not cfg.teacher_model:
+        if ema_adapter is not None:
+            for e, saved in zip(ema_adapter, state["ema"]):
+                e.copy_(saved)
+        else:
+            teacher.load_state_dict(state["ema"])
+    rng = state["rng"][rank]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def keep_lines(path: Path, last_step: int) -> None:
+    """Keep the JSON lines of steps <= last_step (a file written again, then renamed)."""
+    if not path.exists():
+        return
+    kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in kept))
+    tmp.replace(path)
+
+
 def train(cfg: Config, progress: bool = True) -> Path:
     """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir.
     Under torchrun, one process of several (see above): the process group ends with the run."""
@@ -906,6 +1016,7 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     say = print if rank == 0 else lambda *a, **k: None  # noqa: E731
     out_dir = check_output_dir(cfg)
+    resumed = load_training_state(cfg, out_dir) if cfg.resume else None  # refuses other settings, in one line
     if world > 1:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     random.seed(cfg.seed)
@@ -920,15 +1031,19 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); "
           + (f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"))
-    train_set, held_out = load_problems(cfg, world)
+    train_set, held_out = load_problems(cfg)
     if cfg.eval_size > len(held_out):
         say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
-    context = getattr(model.config, "max_position_embeddings", None)
-    n_train = min(len(train_set), cfg.max_steps * cfg.grad_accum * cfg.batch_size * world)  # what the run can see
-    train_set = encode_problems(tok, random.Random(cfg.seed).sample(train_set, n_train), cfg, context)
-    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
-    if len(train_set) < cfg.batch_size:
+    if len(train_set) < cfg.batch_size * world:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
+    # The whole run's micro-batches, drawn up front (indices into train_set), and only those problems
+    # tokenised: a prompt too long for the context is refused before any step.
+    stream = batches(range(len(train_set)), cfg.batch_size, cfg.seed, rank, world)
+    plan = [next(stream) for _ in range(cfg.max_steps * cfg.grad_accum)]
+    seen = sorted({i for micro in plan for i in micro})
+    context = getattr(model.config, "max_position_embeddings", None)
+    encoded = dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context)))
+    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
     # DDP: every process now holds rank 0's weights; the student's passes go through the wrapper
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -941,15 +1056,41 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr)
-    arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, train_set, device)
+    arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, list(encoded.values()), device)
+    teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
+    first = 1
+    if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights
+        first, teacher_acc = restore_training_state(resumed, model, teacher, ema_adapter, optimizer, cfg, rank) + 1, \
+            resumed["teacher_acc"]
     if rank == 0:
-        make_output_dir(out_dir)
+        if not resumed:
+            make_output_dir(out_dir)
         write_json(out_dir / "config.json", {
             **dataclasses.asdict(cfg), "device": str(device), "world_size": world, "machine": machine_name(device),
-            "n_train": len(train_set), "n_eval": len(eval_set), "torch": torch.__version__, "n_params": n_params,
+            "n_train": len(seen), "n_eval": len(eval_set), "torch": torch.__version__, "n_params": n_params,
             "n_trainable": n_trainable, "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}})
-    metrics = open(out_dir / "metrics.jsonl", "w") if rank == 0 else None
-    teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
+        if resumed:  # drop what the interrupted run wrote after its checkpoint, then append
+            keep_lines(out_dir / "metrics.jsonl", first - 1)
+            keep_lines(out_dir / "samples.jsonl", first - 1)
+    metrics = open(out_dir / "metrics.jsonl", "a" if resumed else "w") if rank == 0 else None
+
+    def save_step(step):
+        """checkpoint-step<step>/: the weights, as checkpoint/, plus what --resume needs."""
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng)  # each process samples with its own generator
+        else:
+            rngs = [rng]
+        if rank == 0:
+            ema = teacher.state_dict() if cfg.teacher == "ema" and not opd and not cfg.lora_rank else ema_adapter
+            state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rngs, "ema": ema,
+                     "teacher_acc": teacher_acc, "world_size": world}
+            save_checkpoint(model, tok, out_dir, f"checkpoint-step{step}", state)
+            for old in step_checkpoints(out_dir)[:-cfg.keep_checkpoints]:
+                shutil.rmtree(old)
+            log(metrics, {"split": "checkpoint", "step": step, "dir": f"checkpoint-step{step}"})
 
     def run_eval(step):
         nonlocal teacher_acc
@@ -969,10 +1110,16 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
                     f.write(json.dumps({"step": step, **s}) + "\n")
         return line
 
-    last_eval = run_eval(0) if eval_set else None
-    stream = batches(train_set, cfg.batch_size, cfg.seed, rank, world)
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True)
-    step = 0
+    if resumed:
+        evals = [l for l in read_metrics(out_dir)[1] if l["step"] < first] if rank == 0 else []
+        last_eval = evals[-1] if evals else None
+        say(f"resumed from checkpoint-step{first - 1}: steps {first} to {cfg.max_steps}")
+    else:
+        last_eval = run_eval(0) if eval_set else None
+    bar = tqdm(range(first, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True,
+               initial=first - 1, total=cfg.max_steps)
+    stop = StopSignal(say)
+    step = first - 1
     for step in bar:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -980,7 +1127,8 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
         #    known and every micro-batch's loss can be weighted by n_i / N (deviation 4)
         t0 = clock(device)
         rollouts = []
-        for problems in (next(stream) for _ in range(cfg.grad_accum)):
+        for micro in plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]:
+            problems = [encoded[i] for i in micro]
             s_ids, s_mask = left_pad([p["student_ids"] for p in problems], pad_id, device, bucket)
             if sft:  # off-policy: the reference solution stands where the student's rollout would
                 comp = right_pad([p["reference_ids"] for p in problems], pad_id, device)
@@ -1067,10 +1215,21 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
         log(metrics, line)
         if step == 1 and fast and rank == 0:
             tqdm.write(f"step 1 rollouts: {t1 - t0:.1f} s, including the one-time compile of the decoder")
-        if eval_set and (step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        scheduled = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        if eval_set and scheduled:
             last_eval = run_eval(step)
         acc = f"{last_eval['student_acc']:.2f}/{last_eval['teacher_acc']:.2f}" if last_eval else "-"
         bar.set_postfix(loss=f"{line['loss']:.4f}", div=f"{kl_sum / n:.3f}", len=f"{line['completion_len']:.0f}", acc=acc)
+        stopping = all_reduce([float(stop.signum is not None)], device, op="max")[0] > 0  # every process stops together
+        if scheduled or stopping:
+            save_step(step)
+        if stopping and step < cfg.max_steps:
+            bar.close()
+            stop.restore()
+            if rank == 0:
+                metrics.close()
+            raise Interrupted(step, out_dir, 128 + (stop.signum or signal.SIGINT))
+    stop.restore()
     check_replicas(model, device)
     if rank == 0:
         metrics.close()
@@ -1156,12 +1315,17 @@ def normalize(ans: str) -> str:
 # 10. Outputs
 # -----------------------------------------------------------------------------------------------
 
-OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")
+OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")  # and checkpoint-step<N>/
 
 
 def check_output_dir(cfg: Config) -> Path:
-    """Refuse a file, or a non-empty directory without --overwrite. Called before anything loads."""
+    """Refuse a file, or a non-empty directory without --overwrite (or --resume). Called before
+    anything loads."""
     out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
+    if cfg.resume:
+        if not cfg.output_dir or not out.is_dir():
+            raise OPSDError(f"--resume needs the --output-dir of the run to continue ({out} is not a directory)")
+        return out
     if out.exists() and not out.is_dir():
         raise OPSDError(f"--output-dir {out} is a file; pick a directory")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
@@ -1174,6 +1338,8 @@ def make_output_dir(out: Path) -> None:
     that fails on bad input leaves an earlier run's outputs (and anything else there) untouched."""
     for name in OUTPUTS:
         shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    for old in step_checkpoints(out):
+        shutil.rmtree(old)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -1200,12 +1366,12 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def save_checkpoint(model, tok, out_dir: Path) -> None:
+def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
     Under LoRA: checkpoint/ holds the merged model (W + (alpha / r) B A, loadable with transformers
     alone) and checkpoint/adapter/ the adapter (loadable with peft). The merge runs on a copy: the
     model in memory keeps its adapter unmerged (merging in place and back would round bf16 weights)."""
-    tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
+    tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
     if is_lora(model):
         model.save_pretrained(tmp / "adapter")
@@ -1213,6 +1379,8 @@ def save_checkpoint(model, tok, out_dir: Path) -> None:
     else:
         model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if state is not None:  # a step checkpoint: what --resume needs besides the weights
+        torch.save(state, tmp / "training_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
@@ -1375,8 +1543,12 @@ def main(argv=None) -> int:
         print(f"error: CUDA out of memory (rank {os.environ.get('RANK', 0)}); lower --batch-size (raise --grad-accum to keep the effective batch), "
               "lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        if lead:
+            print(e, file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted at once: the last step checkpoint is the one to resume from", file=sys.stderr)
         return 130
     if not lead:
         return 0
