@@ -916,6 +916,8 @@ class StopSignal:
 
     def __init__(self, say):
         self.signum, self.old, self.say = None, {}, say
+
+    def install(self):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self.old[s] = signal.signal(s, self.handle)
@@ -1005,14 +1007,16 @@ def train(cfg: Config, progress: bool = True) -> Path:
     Under torchrun, one process of several (see above): the process group ends with the run."""
     check_config(cfg)
     rank, world, device = setup_distributed(cfg)
+    stop = StopSignal(print if rank == 0 else lambda *a, **k: None)
     try:
-        return _train(cfg, progress and rank == 0, rank, world, device)
+        return _train(cfg, progress and rank == 0, rank, world, device, stop)
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
+def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> Path:
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     say = print if rank == 0 else lambda *a, **k: None  # noqa: E731
     out_dir = check_output_dir(cfg)
@@ -1060,8 +1064,8 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
     teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
     first = 1
     if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights
-        first, teacher_acc = restore_training_state(resumed, model, teacher, ema_adapter, optimizer, cfg, rank) + 1, \
-            resumed["teacher_acc"]
+        first = restore_training_state(resumed, model, teacher, ema_adapter, optimizer, cfg, rank) + 1
+        teacher_acc = resumed["teacher_acc"]
     if rank == 0:
         if not resumed:
             make_output_dir(out_dir)
@@ -1118,7 +1122,7 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
         last_eval = run_eval(0) if eval_set else None
     bar = tqdm(range(first, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True,
                initial=first - 1, total=cfg.max_steps)
-    stop = StopSignal(say)
+    stop.install()  # from here on, Ctrl-C finishes the step and writes a checkpoint
     step = first - 1
     for step in bar:
         if device.type == "cuda":
@@ -1225,11 +1229,9 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device) -> Path:
             save_step(step)
         if stopping and step < cfg.max_steps:
             bar.close()
-            stop.restore()
             if rank == 0:
                 metrics.close()
             raise Interrupted(step, out_dir, 128 + (stop.signum or signal.SIGINT))
-    stop.restore()
     check_replicas(model, device)
     if rank == 0:
         metrics.close()
