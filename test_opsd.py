@@ -4,6 +4,7 @@ import json
 import re
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -393,7 +394,8 @@ def test_cli_end_to_end_writes_every_output_and_a_checkpoint_that_reloads(tmp_pa
     out = tmp_path / "run"
     r = run_cli("--preset", "smoke", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint",
+                                               "checkpoint-step1", "checkpoint-step2"}
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
     keys = {"loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "sec_generate", "sec_teacher",
@@ -601,7 +603,8 @@ def test_torchrun_two_processes_train_and_write_every_output_once(tmp_path, extr
     out = tmp_path / "r"
     r = torchrun("--preset", "smoke", "--max-steps", "2", "--output-dir", str(out), *extra)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint",
+                                               "checkpoint-step1", "checkpoint-step2"}
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
     assert all(math.isfinite(l["loss"]) for l in train) and all(l["n"] == 8 for l in evals)
@@ -642,6 +645,98 @@ def test_torchrun_bad_input_stops_every_process_with_one_line(tmp_path):
     r = torchrun("--preset", "smoke", "--loss", "nonsense", "--output-dir", str(tmp_path / "o"))
     assert r.returncode != 0 and r.stderr.count("invalid choice") == 1, r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+# --- interruptions and --resume ------------------------------------------------------------------
+
+TIMING = {"sec_generate", "sec_teacher", "sec_student", "ms_per_decode_step", "peak_mem_gb"}
+
+
+def comparable(run):
+    """metrics.jsonl without the clocks and the checkpoint notes: what must not depend on interruptions."""
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in l.items() if k not in TIMING} for l in lines if l["split"] != "checkpoint"]
+
+
+def weights(run):
+    from safetensors.torch import load_file
+    return load_file(run / "checkpoint" / "model.safetensors")
+
+
+@pytest.mark.parametrize("extra", [[], ["--teacher", "ema", "--ema-decay", "0.5"], ["--lora-rank", "4", "--teacher", "ema"]])
+def test_two_steps_then_resume_equal_four_steps(tmp_path, extra):
+    """Weights and every metric line: sampling (RNG), AdamW's moments, the EMA teacher and the data
+    position must all come back exactly, or the runs part."""
+    common = ["--preset", "smoke", "--eval-every", "2", "--lr", "1e-2", *extra]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert opsd.main([*common, "--max-steps", "4", "--output-dir", str(whole)]) == 0
+    assert opsd.main([*common, "--max-steps", "2", "--output-dir", str(split)]) == 0
+    assert opsd.main([*common, "--max-steps", "4", "--output-dir", str(split), "--resume"]) == 0
+    assert comparable(split) == comparable(whole)
+    a, b = weights(whole), weights(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [l["step"] for l in opsd.read_metrics(split)[0]] == [1, 2, 3, 4]  # nothing written twice
+
+
+def test_resume_without_the_optimizer_state_parts_the_runs(tmp_path, monkeypatch):
+    """The test above can fail: dropping AdamW's state on resume changes the weights."""
+    common = ["--preset", "smoke", "--eval-every", "2", "--lr", "1e-2", "--eval-size", "0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert opsd.main([*common, "--max-steps", "4", "--output-dir", str(whole)]) == 0
+    assert opsd.main([*common, "--max-steps", "2", "--output-dir", str(split)]) == 0
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, state: None)
+    assert opsd.main([*common, "--max-steps", "4", "--output-dir", str(split), "--resume"]) == 0
+    a, b = weights(whole), weights(split)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_rotation_keeps_the_last_few(tmp_path):
+    out = tmp_path / "r"
+    assert opsd.main(["--preset", "smoke", "--max-steps", "5", "--eval-every", "1", "--eval-size", "0",
+                      "--keep-checkpoints", "2", "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-step*")) == ["checkpoint-step4", "checkpoint-step5"]
+    notes = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in notes if l["split"] == "checkpoint"] == [1, 2, 3, 4, 5]
+
+
+def test_sigint_writes_a_checkpoint_of_a_completed_step_and_exits_130(tmp_path):
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, str(HERE / "opsd.py"), "--preset", "smoke", "--max-steps", "100000",
+                             "--eval-every", "0", "--eval-size", "0", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(l for l in _lines(out / "metrics.jsonl") if '"train"' in l):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    ckpts = sorted(out.glob("checkpoint-step*"))
+    assert len(ckpts) == 1 and not list(out.glob("*.tmp"))
+    step = int(ckpts[0].name.removeprefix("checkpoint-step"))
+    assert [l["step"] for l in opsd.read_metrics(out)[0]][-1] == step  # the last completed step
+    assert "--resume" in err and ckpts[0].name in err
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ckpts[0])
+    assert opsd.main(["--preset", "smoke", "--max-steps", str(step + 1), "--eval-every", "0", "--eval-size", "0",
+                      "--output-dir", str(out), "--resume"]) == 0
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
+    out = tmp_path / "r"
+    assert opsd.main(["--preset", "smoke", "--max-steps", "1", "--output-dir", str(out)]) == 0
+    for extra, words in [(["--loss", "jsd"], ["--loss forward_kl", "only --max-steps"]),
+                         (["--model", "random:Qwen2.5-0.5B"], ["--model tiny"]),
+                         (["--max-steps", "1"], ["already at step 1"])]:
+        args = ["--max-steps", "3", *extra] if extra[0] != "--max-steps" else extra
+        r = run_cli("--preset", "smoke", *args, "--output-dir", str(out), "--resume")
+        assert_one_line_error(r, "--resume", *words)
+    for where in (tmp_path / "missing", tmp_path):
+        r = run_cli("--preset", "smoke", "--max-steps", "3", "--output-dir", str(where), "--resume")
+        assert_one_line_error(r, "--resume")
 
 
 # --- bad input: one line, non-zero exit, no traceback --------------------------------------------
