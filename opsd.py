@@ -1508,14 +1508,16 @@ def plot_token_scores(scores: dict, ax=None, max_tokens: int = 48):
     return fig
 
 
-def save_figures(run_dir, memory_runs: dict | None = None, out_dir="figures", seed: int = 0) -> list[Path]:
+def save_figures(run_dir, memory_runs: dict | None = None, accuracy_runs: dict | None = None, out_dir="figures",
+                 seed: int = 0) -> list[Path]:
     """figures/*.png from a finished run: divergence, accuracy, the token picture from the run's
-    *initial* model, and memory: of memory_runs (label -> run dir) when given, else of the run."""
+    *initial* model, and memory. memory_runs / accuracy_runs (label -> run dir), when given, are
+    what those two plots show instead of the run alone."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(run_dir)
     figs = {"divergence.png": plot_divergence({"OPSD": run_dir}),
-            "accuracy.png": plot_accuracy({"OPSD": run_dir}),
+            "accuracy.png": plot_accuracy(accuracy_runs or {"OPSD": run_dir}),
             "memory.png": plot_memory(memory_runs or {f"OPSD {cfg.teacher}\n({cfg.max_steps} steps)": run_dir})}
     model, tok = load_model(cfg.model, seed=cfg.seed)
     record = encode_problems(tok, load_problems(cfg)[1][:1], cfg, None)[0]
