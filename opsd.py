@@ -1033,8 +1033,8 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> 
         model = add_lora(model.to(torch.bfloat16) if device.type == "cuda" else model, cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
-    say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); "
-          + (f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"))
+    how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
+    say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
     train_set, held_out = load_problems(cfg)
     if cfg.eval_size > len(held_out):
         say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
