@@ -1018,7 +1018,7 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
 def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> Path:
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
-    say = print if rank == 0 else lambda *a, **k: None  # noqa: E731
+    say = stop.say  # print on rank 0, nothing elsewhere
     out_dir = check_output_dir(cfg)
     resumed = load_training_state(cfg, out_dir) if cfg.resume else None  # refuses other settings, in one line
     if world > 1:
