@@ -1375,14 +1375,20 @@ def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: 
     model in memory keeps its adapter unmerged (merging in place and back would round bf16 weights)."""
     tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
-    if is_lora(model):
-        model.save_pretrained(tmp / "adapter")
-        copy.deepcopy(model).merge_and_unload().save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if state is not None:  # a step checkpoint: what --resume needs besides the weights
-        torch.save(state, tmp / "training_state.pt")
+    try:
+        if is_lora(model):
+            model.save_pretrained(tmp / "adapter")
+            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if state is not None:  # a step checkpoint: what --resume needs besides the weights
+            torch.save(state, tmp / "training_state.pt")
+    except Exception as e:  # a full disk surfaces as OSError, or as safetensors' or torch's own error
+        shutil.rmtree(tmp, ignore_errors=True)
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise OPSDError(f"could not write {final}: {msg}; free disk space (a full fine-tuning step "
+                        "checkpoint holds the weights and AdamW's two states) or use another --output-dir") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 

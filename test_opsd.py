@@ -699,6 +699,28 @@ def test_checkpoint_rotation_keeps_the_last_few(tmp_path):
     assert [l["step"] for l in notes if l["split"] == "checkpoint"] == [1, 2, 3, 4, 5]
 
 
+def test_full_disk_while_saving_is_one_line_and_leaves_no_half_checkpoint(tmp_path, monkeypatch, capsys):
+    """A disk that fills up during the final save (as on the H200 of the GPU table): exit 2 with one
+    line, the step checkpoint already written stays, and no checkpoint.tmp/ is left behind."""
+    from transformers import PreTrainedModel
+    out, real = tmp_path / "r", PreTrainedModel.save_pretrained
+
+    def fill_up(self, path, *a, **k):
+        if Path(path).name == "checkpoint.tmp":
+            real(self, path, *a, **k)  # part of it lands, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(self, path, *a, **k)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fill_up)
+    code = opsd.main(["--preset", "smoke", "--max-steps", "2", "--eval-every", "2", "--eval-size", "0",
+                      "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]  # the rest is progress bars
+    assert code == 2 and "Traceback" not in err and len(lines) == 1
+    assert "No space left on device" in lines[0] and "checkpoint" in lines[0]
+    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
+    assert (out / "checkpoint-step2" / "training_state.pt").exists()
+
+
 def test_sigint_writes_a_checkpoint_of_a_completed_step_and_exits_130(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, str(HERE / "opsd.py"), "--preset", "smoke", "--max-steps", "100000",
