@@ -97,6 +97,12 @@ class Config:
     arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
     instruction: str = arg("Please reason step by step, and put your final answer within \\boxed{}.",
                            "answer-format instruction appended to both the student's and the teacher's message")
+    teacher_transition: str = arg(
+        "Read the reference until you see why each step is taken. Do not copy it or reword it: work the "
+        "problem out yourself, step by step, checking each step and rethinking any that does not hold, "
+        "and reach the same final answer.",
+        "the teacher's sentence between the reference and the instruction (the authors' intent: understand "
+        "the reference, do not copy it, derive the answer independently)")
     # sampling
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
@@ -512,11 +518,10 @@ def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
 
 
-def teacher_message(problem: str, reference: str, instruction: str) -> str:
+def teacher_message(problem: str, reference: str, instruction: str, transition: str = Config.teacher_transition) -> str:
     return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
             f"=== Reference solution ===\n{reference}\n=== End of reference solution ===\n\n"
-            f"Now solve the problem yourself, in your own words, and arrive at the same answer.\n\n"
-            f"{instruction}")
+            f"{transition}\n\n{instruction}")
 
 
 def encode_chat(tok, message: str) -> list[int]:
@@ -542,7 +547,7 @@ def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None)
     out = []
     for p, reference in zip(problems, privileged_text(problems, cfg.privileged)):
         s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
-        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction))
+        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction, cfg.teacher_transition))
         if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
             raise OPSDError(f"a prompt of {max(len(s), len(t))} tokens plus --max-new-tokens {cfg.max_new_tokens} "
                             f"exceeds the model's context of {context}; lower --max-new-tokens or use shorter problems")
@@ -1059,7 +1064,7 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> 
     fast = cfg.static_cache and device.type == "cuda"  # static KV cache + compiled decoding
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0)  # the authors' 0 (torch's default is 0.01)
     arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, list(encoded.values()), device)
     teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
     first = 1
