@@ -111,7 +111,13 @@ class Config:
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
     clip: str = arg("pointwise", "clip each vocabulary term (pointwise) or each token's sum (token) at --clip-tau",
                     ["none", "pointwise", "token"])
-    clip_tau: float = arg(0.05, "clip threshold")
+    # 0.05 is the paper's headline value; the authors use it for thinking-mode runs and about 1e-6 for
+    # non-thinking ones, so tau belongs to the setup. We keep 0.05 for the GPU command (Qwen2.5-Instruct,
+    # non-thinking) knowingly: it bounds the few terms where teacher and student disagree most and leaves
+    # the rest of the KL as it is, while at 1e-6 nearly every term with visible mass is clipped and the
+    # gradient is mostly the coupling term derived above the clip in section 7 (clip_frac in metrics.jsonl
+    # says how often tokens were clipped; look at it before changing tau).
+    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 with thinking mode, ~1e-6 without)")
     top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
     # teacher
     privileged: str = arg("solution", "what the teacher reads: the reference solution, only its final answer, "
@@ -749,6 +755,24 @@ def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", be
     return per_token.sum() / mask.sum().clamp(min=1), per_token
 
 
+def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=200, lr=1.0) -> torch.Tensor:
+    """The loss at one position, alone: plain gradient descent on the student's logits z (started at
+    log p_student) against a fixed teacher distribution. Returns p_S after each step, (steps + 1, V).
+    Notebook section 7: with p_T = (.8, .1, .1), p_S = (.4, .3, .3), no clip ends at p_T, the point-wise
+    clip near (.02, .49, .49) (the gradient on a clipped logit is positive, see the clip's comment), and
+    the per-token clip never moves (the sum is clipped at once, so the gradient is 0)."""
+    t = torch.as_tensor(p_teacher, dtype=torch.float64).log()[None, None]          # (1, 1, V)
+    z = torch.as_tensor(p_student, dtype=torch.float64).log().clone().requires_grad_(True)
+    mask, path = torch.ones(1, 1, dtype=torch.bool), [z.detach().softmax(-1)]
+    for _ in range(steps):
+        loss, _ = token_divergence(z[None, None], t, mask, clip=clip, clip_tau=clip_tau)
+        grad, = torch.autograd.grad(loss, z)
+        with torch.no_grad():
+            z -= lr * grad                                                         # descent: z <- z - lr dL/dz
+        path.append(z.detach().softmax(-1))
+    return torch.stack(path).float()
+
+
 def cross_entropy(student_logits, targets, mask):
     """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*.
     Same return convention as token_divergence. (Not chunked: the baseline, not the method.)"""
@@ -783,6 +807,14 @@ def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
         terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
     if clip == "pointwise":
+        # A clipped term is a constant, but the softmax still couples it to the others. Forward KL, at a
+        # position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau}, with
+        # log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
+        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),    P_T(not C) = sum_{v not in C} p_T(v)
+        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the very
+        # token the teacher prefers most over the student, and raises the unclipped ones. The authors
+        # intend it (it damps tokens the teacher rates high for style); a reviewer of the TRL port
+        # called it an inversion of the loss. Notebook section 7 runs three tokens to the end of it.
         terms = terms.clamp(max=clip_tau)                          # each vocabulary entry at tau, then sum
     per_token = terms.sum(-1)                                      # (n,)
     if clip == "token":

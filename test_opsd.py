@@ -167,6 +167,39 @@ def test_token_clip_stops_the_gradient_of_clipped_tokens():
     assert (s.grad == 0).all()  # every token's sum is above 1e-6, so every token is clipped
 
 
+def test_pointwise_clip_gradient_has_the_derived_sign():
+    """dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C) (the comment above the clip): on a clipped
+    token the gradient is positive, so descent lowers the logit the teacher prefers most."""
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(20):
+        s, t = torch.randn(1, 1, 11, generator=gen) * 2, torch.randn(1, 1, 11, generator=gen) * 2
+        s.requires_grad_(True)
+        p_s, p_t = s.detach().softmax(-1)[0, 0], t.softmax(-1)[0, 0]
+        terms = p_t * (p_t.log() - p_s.log())
+        clipped = terms > 0.05
+        if not clipped.any() or clipped.all():
+            continue
+        opsd.token_divergence(s, t, torch.ones(1, 1, dtype=torch.bool), clip="pointwise", clip_tau=0.05)[0].backward()
+        want = -p_t * ~clipped + p_s * p_t[~clipped].sum()
+        torch.testing.assert_close(s.grad[0, 0], want, rtol=1e-4, atol=1e-6)
+        assert (s.grad[0, 0][clipped] > 0).all()  # descent lowers every clipped logit
+    s = torch.tensor([.4, .3, .3]).log()[None, None].requires_grad_(True)
+    t = torch.tensor([.8, .1, .1]).log()[None, None]
+    opsd.token_divergence(s, t, torch.ones(1, 1, dtype=torch.bool), clip="pointwise", clip_tau=0.05)[0].backward()
+    torch.testing.assert_close(s.grad[0, 0], torch.tensor([.4 * .2, -.1 + .3 * .2, -.1 + .3 * .2]))
+
+
+def test_three_token_descent_ends_where_the_clip_sends_it():
+    pt, ps = (.8, .1, .1), (.4, .3, .3)
+    none = opsd.descend_on_logits(pt, ps, clip="none")
+    pointwise = opsd.descend_on_logits(pt, ps, clip="pointwise")
+    token = opsd.descend_on_logits(pt, ps, clip="token")
+    assert none.shape == (201, 3)
+    torch.testing.assert_close(none[-1], torch.tensor(pt), atol=2e-3, rtol=0)
+    assert pointwise[-1][0] < 0.03 and abs(pointwise[-1][1] - 0.49) < 0.01  # the teacher's favourite is pushed out
+    torch.testing.assert_close(token[-1], torch.tensor(ps))
+
+
 # --- 5/6. sampling masks, padding and offsets ---------------------------------------------------
 
 def test_completion_mask_keeps_first_eos_and_drops_what_follows():
