@@ -494,6 +494,12 @@ def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+def boxed_reference(solution: str) -> str:
+    """GSM8K's last line '#### 72' -> '\\boxed{72}': the teacher then reads the reference in the format
+    the instruction asks both roles for, and does not see one format and get asked for another."""
+    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}", solution.rstrip()).strip()
+
+
 def to_records(rows, cfg: Config, name: str) -> list[dict]:
     cols = list(rows.column_names)
     pairs = [(cfg.problem_column, cfg.solution_column)] if cfg.problem_column or cfg.solution_column else \
@@ -504,7 +510,7 @@ def to_records(rows, cfg: Config, name: str) -> list[dict]:
                         f"or name them with --problem-column and --solution-column")
     out = []
     for row in rows:
-        solution = re.sub(r"<<[^>]*>>", "", str(row[sc]))  # GSM8K's calculator notes: noise for the teacher
+        solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))  # calculator notes: noise
         answer = extract_answer(solution)
         if answer is not None and str(row[pc]).strip():
             out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(), "answer": answer})

@@ -366,6 +366,24 @@ def test_gsm8k_folder_loads_as_a_local_dataset():
     assert not {p["problem"] for p in train} & {p["problem"] for p in test}
 
 
+@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
+def test_gsm8k_references_end_boxed_and_still_grade_to_the_gold_number():
+    train, test = opsd.load_problems(opsd.Config(dataset=str(GSM8K)))
+    raw = {json.loads(l)["question"].strip(): json.loads(l)["answer"] for f in ("train", "test")
+           for l in open(GSM8K / f"{f}.jsonl")}
+    for p in train + test:
+        gold = raw[p["problem"]].split("####")[-1].strip().replace(",", "")
+        assert "####" not in p["solution"] and re.search(r"\n\\boxed\{[^{}\n]+\}$", p["solution"]), p["solution"]
+        assert opsd.extract_answer(p["solution"]) == gold == p["answer"]
+
+
+def test_boxed_reference_rewrites_only_a_final_marker():
+    assert opsd.boxed_reference("3 + 4 = 7.\n#### 7\n") == "3 + 4 = 7.\n\\boxed{7}"
+    assert opsd.boxed_reference("#### 1,234") == "\\boxed{1,234}"
+    assert opsd.boxed_reference("so it is 5.") == "so it is 5."
+    assert opsd.boxed_reference("5 #### 6 apples") == "5 #### 6 apples"  # not a line of its own
+
+
 def test_local_jsonl_with_problem_solution_columns_holds_out_a_slice(tmp_path):
     f = tmp_path / "math.jsonl"
     f.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = \\boxed{{{i + 1}}}"}) + "\n"
