@@ -668,9 +668,25 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
     return torch.zeros(mask.shape, device=attn.device).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager: added
 
 
-def build_teacher(cfg: Config, student, student_tok, device):
+def compute_dtype(device, say=print) -> torch.dtype:
+    """The half precision of a CUDA run: bf16 for the autocast passes and the frozen weights. A GPU
+    without native bf16 (the T4 of free notebook services, compute capability 7.5) gets fp32 and one
+    line saying so: fp16 instead would need a gradient scaler, and Qwen2.5's activations can overflow
+    fp16's range. (torch's check counts emulated bf16 as support, hence including_emulation=False.)
+    A CPU run is fp32 throughout."""
+    if device.type != "cuda":
+        return torch.float32
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    say(f"note: {name} (compute capability {major}.{minor}) has no bfloat16; training in fp32 without "
+        f"autocast (about twice the memory for activations and frozen weights, and slower)")
+    return torch.float32
+
+
+def build_teacher(cfg: Config, student, student_tok, device, half=torch.bfloat16):
     """The model whose logits are the target. Full fine-tuning -- fixed: frozen copy of the initial
-    weights (bf16 on CUDA); current: the student itself (no_grad); ema: an fp32 copy updated after
+    weights (in `half`, bf16 on CUDA); current: the student itself (no_grad); ema: an fp32 copy updated after
     every step (bf16 would round the small EMA updates away). LoRA: always the student's own module,
     no weight copied; `teacher_weights` switches it to the teacher for a pass. --teacher-model: a
     separate model (OPD), whatever the student is."""
@@ -682,7 +698,7 @@ def build_teacher(cfg: Config, student, student_tok, device):
         teacher = copy.deepcopy(student)
     teacher.requires_grad_(False).eval()
     keep_fp32 = device.type != "cuda" or (cfg.teacher == "ema" and not cfg.teacher_model)
-    return teacher.to(device=device, dtype=torch.float32 if keep_fp32 else torch.bfloat16)
+    return teacher.to(device=device, dtype=torch.float32 if keep_fp32 else half)
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
@@ -917,12 +933,15 @@ def peak_memory_gb(device) -> float:
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20  # bytes on macOS, KiB on Linux
 
 
-def memory_arithmetic(cfg: Config, model, teacher, ema_adapter, records: list[dict], device) -> dict[str, int]:
+def memory_arithmetic(cfg: Config, model, teacher, ema_adapter, records: list[dict],
+                      half=torch.float32) -> dict[str, int]:
     """Where a step's memory goes, in bytes, from parameter counts, dtypes and shapes: arithmetic, not a
     measurement (config.json keeps it beside the measured peak in metrics.jsonl). Not counted: the
-    activations kept for the backward pass, the allocator's slack, and on a CPU Python and torch."""
+    activations kept for the backward pass, the allocator's slack, and on a CPU Python and torch.
+    half: the autocast dtype of the passes (compute_dtype): bf16 on CUDA, fp32 on a CPU."""
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
-    c, act = model.config, 2 if device.type == "cuda" else 4      # activations: bf16 autocast / fp32
+    c = model.config
+    act = half.itemsize                                           # activations: 2 bytes under bf16 autocast
     own_teacher = teacher is not model                             # a copy, an EMA model, or OPD's model
     B, C, V = cfg.batch_size, cfg.max_new_tokens, c.vocab_size
     V_t = teacher.config.vocab_size if own_teacher else V
@@ -1069,11 +1088,12 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
 
+    half = compute_dtype(device, say)  # bf16 on CUDA; fp32 on a CPU or a GPU without bf16
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank:  # the frozen base in bf16 on CUDA, as the authors; the adapter trains in fp32
-        model = add_lora(model.to(torch.bfloat16) if device.type == "cuda" else model, cfg.lora_rank, cfg.lora_alpha)
+        model = add_lora(model.to(half), cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
@@ -1094,16 +1114,16 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> 
     # DDP: every process now holds rank 0's weights; the student's passes go through the wrapper
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
-    teacher = build_teacher(cfg, model, tok, device)
+    teacher = build_teacher(cfg, model, tok, device, half)
     opd, sft = cfg.teacher_model is not None, cfg.method == "sft"
     ema_adapter = [p.detach().clone() for p in trainable(model)] if cfg.lora_rank and cfg.teacher == "ema" else None
     teacher_on = functools.partial(teacher_weights, cfg, model, ema_adapter)  # `with teacher_on():` a teacher pass
     eos_ids, pad_id = model.generation_config.eos_token_id, tok.pad_token_id
     fast = cfg.static_cache and device.type == "cuda"  # static KV cache + compiled decoding
     bucket = 64 if fast else 1                          # prompt lengths rounded up: few shapes to compile
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device.type, dtype=half, enabled=half != torch.float32)  # CPU: off
     optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0)  # the authors' 0 (torch's default is 0.01)
-    arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, list(encoded.values()), device)
+    arithmetic = memory_arithmetic(cfg, model, teacher, ema_adapter, list(encoded.values()), half)
     teacher_acc = None  # a frozen teacher's greedy accuracy never changes: measured once
     first = 1
     if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights

@@ -628,7 +628,7 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
     full = sum(p.numel() for p in model.parameters()) * 4  # bytes, fp32
     copy_ = opsd.build_teacher(cfg, model, tok, torch.device("cpu"))
-    a = opsd.memory_arithmetic(cfg, model, copy_, None, records, torch.device("cpu"))
+    a = opsd.memory_arithmetic(cfg, model, copy_, None, records)
     assert a["student weights"] == a["gradients"] == full == a["teacher weights"]
     assert a["AdamW states (2 per trained weight)"] == 2 * full
     P = max(len(r["student_ids"]) for r in records)
@@ -636,9 +636,32 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     assert a["KV cache of one micro-batch's rollouts"] == 2 * c.num_hidden_layers * c.num_key_value_heads * \
         (c.hidden_size // c.num_attention_heads) * 2 * (P + 4) * 4
     lora, _ = lora_tiny()
-    b = opsd.memory_arithmetic(opsd.Config(**{**vars(cfg), "lora_rank": 4}), lora, lora, None, records,
-                               torch.device("cpu"))
+    b = opsd.memory_arithmetic(opsd.Config(**{**vars(cfg), "lora_rank": 4}), lora, lora, None, records)
     assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
+
+
+def test_a_gpu_without_bf16_falls_back_to_fp32_with_one_line(monkeypatch):
+    """The T4 of free notebook services: no native bf16. compute_dtype decides the autocast dtype, the
+    frozen teacher's and a LoRA base's dtype, and the activation bytes of memory_arithmetic."""
+    cuda, said = torch.device("cuda"), []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert opsd.compute_dtype(cuda, said.append) == torch.float32  # emulated bf16 does not count
+    assert len(said) == 1 and "Tesla T4" in said[0] and "7.5" in said[0] and "fp32" in said[0]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert opsd.compute_dtype(cuda, said.append) == torch.bfloat16 and len(said) == 1
+    assert opsd.compute_dtype(torch.device("cpu"), said.append) == torch.float32 and len(said) == 1
+
+
+def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
+    model, tok = tiny
+    cfg = opsd.Config(batch_size=2, max_new_tokens=4)
+    records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
+    fp32 = opsd.memory_arithmetic(cfg, model, model, None, records, torch.float32)
+    bf16 = opsd.memory_arithmetic(cfg, model, model, None, records, torch.bfloat16)
+    key = "logits of one micro-batch (teacher + student)"
+    assert fp32[key] == 2 * bf16[key] and fp32["student weights"] == bf16["student weights"]
 
 
 # --- several processes: torchrun, DDP, gloo on the CPU ---------------------------------------------
