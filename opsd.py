@@ -12,9 +12,10 @@ Run it:
     python opsd.py --preset smoke                  # seconds, random weights: a smoke test
     python opsd.py --help                          # every flag, with its default
 
-Deliberate deviations from the authors' final recipe (forward KL, point-wise clip 0.05, fixed
-teacher, lr 5e-6, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with
-top-p 0.95 / top-k 20, LoRA r64):
+Deliberate deviations from the authors' final recipe (forward KL, point-wise clip at tau 0.05 in
+thinking-mode runs and about 1e-6 in non-thinking ones, fixed teacher, lr 5e-6 with AdamW and no
+weight decay, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with top-p 0.95 /
+top-k 20, LoRA r64):
  1. Full fine-tuning by default, LoRA as a choice (--lora-rank R, with peft): full fine-tuning has
     fewer moving parts to read, and its fixed teacher is a frozen copy of the initial weights (bf16
     on CUDA). The authors train a LoRA adapter (r 64, alpha 128, every linear projection), and
@@ -25,10 +26,11 @@ top-p 0.95 / top-k 20, LoRA r64):
     divides both student and teacher logits in the loss.
  3. 512 new tokens by default instead of 1,024: GSM8K solutions by a 0.5B model are short, and
     rollouts are most of the step time.
- 4. The loss is the mean over all completion tokens of the (effective) batch, not the mean of
-    per-sequence means: a long rollout is not down-weighted per token. Micro-batches of a
-    gradient-accumulation step are weighted by their token counts, so the step's gradient is
-    exactly that of the token mean over the whole effective batch.
+ 4. The loss is a token mean, as in the authors' code; what differs is across micro-batches. The
+    authors take the token mean of each micro-batch and average those means over the accumulation
+    steps (and processes), so a token in a micro-batch of short rollouts weighs more. Here each
+    micro-batch is weighted by its token count, so the step's gradient is exactly that of the token
+    mean over the whole effective batch.
  5. We use the *instruct* model (Qwen2.5-0.5B-Instruct) where the paper used Qwen3 models: a
     base 0.5B model does not follow the chat template or the answer format, and the privileged
     teacher must be able to read and use the reference (the "privilege gap"); the chat template
@@ -132,7 +134,7 @@ class Config:
     max_steps: int = arg(100, "optimizer steps")
     batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
     grad_accum: int = arg(4, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
-    lr: float = arg(5e-6, "AdamW learning rate")
+    lr: float = arg(5e-6, "AdamW learning rate (weight decay 0, as the authors)")
     max_grad_norm: float = arg(0.1, "gradient-norm clip")
     gradient_checkpointing: bool | None = arg(None, "recompute activations in the student's backward pass: "
                                                      "less memory, ~1/3 more student compute (default: on with CUDA)")
@@ -524,7 +526,13 @@ def to_records(rows, cfg: Config, name: str) -> list[dict]:
 # -----------------------------------------------------------------------------------------------
 # Student: problem + instruction. Teacher: problem + reference between markers + a transition
 # sentence + the same instruction. Both go through the same chat template (pitfall 5), and stay
-# token ids from here on: no decode / re-encode anywhere (pitfall 4).
+# token ids from here on: no decode / re-encode anywhere (pitfall 4). With Qwen2.5 the template
+# puts its default system prompt ("You are Qwen, created by Alibaba Cloud...") before both roles'
+# message. The authors' Qwen3 runs differ: their teacher's turn has thinking mode on and the
+# student's has it off, so the two roles' templates differ there.
+# The transition (Config.teacher_transition) carries the authors' intent in our words: understand
+# the reference, do not copy or reword it, derive the same answer independently. A teacher that
+# reads the answer off the reference pulls the student onto a shortcut it cannot take (README).
 
 def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
@@ -754,7 +762,10 @@ def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", be
     the mean of per_token over the True entries of mask; per_token is (B, C) fp32, 0 where masked.
     Gradients reach student_logits only. The vocabulary reduction runs over chunks of `chunk_size`
     positions, each recomputed in the backward pass, so no fp32 (B, C, V) copy ever exists beyond
-    one chunk (pitfall 6). sampled_token ignores clip and top_k: it has no vocabulary terms."""
+    one chunk (pitfall 6). sampled_token ignores clip and top_k: it has no vocabulary terms.
+    clip="pointwise" clamps each vocabulary term at clip_tau before the sum (the authors: 0.05 with
+    thinking mode, ~1e-6 without); a clipped term still gets a gradient through the softmax, whose
+    sign is derived above the clip. clip="token" clamps the sum: a clipped token gets none."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
     if loss == "sampled_token" and sampled_tokens is None:
@@ -1307,6 +1318,11 @@ def _train(cfg: Config, progress: bool, rank: int, world: int, device, stop) -> 
 # -----------------------------------------------------------------------------------------------
 # 9. Evaluation
 # -----------------------------------------------------------------------------------------------
+# Greedy decoding, one answer per problem, graded by extract_answer: the last \boxed{}, else the
+# number after "The answer is" or "####", else the last number (lenient, so that a small model's
+# format slips do not hide what it can do). The authors sample 12 answers per problem and grade the
+# last \boxed{} with math-verify: their numbers are averages over samples under a strict format, and
+# ours are not comparable to them digit for digit.
 
 @torch.no_grad()
 def evaluate(model, teacher, tok, eval_set, cfg, opd=False, skip_teacher=False, bucket=1,
