@@ -326,6 +326,19 @@ def test_eos_and_pads_after_it_in_sampled_rollouts(tiny):
 
 # --- 4. prompts ----------------------------------------------------------------------------------
 
+def test_teacher_transition_sits_between_the_reference_and_the_instruction(tiny):
+    _, tok = tiny
+    problems = opsd.make_arithmetic(3, seed=3)
+    msg = opsd.teacher_message("P?", "R.", "Box it.", "Work it out yourself.")
+    assert msg.index("R.") < msg.index("=== End of reference solution ===") < msg.index("Work it out yourself.") < msg.index("Box it.")
+    for transition in (opsd.Config.teacher_transition, "Solve it."):
+        cfg = opsd.Config(model="tiny", dataset="arithmetic", max_new_tokens=16, teacher_transition=transition)
+        for p, q in zip(opsd.encode_problems(tok, problems, cfg, context=1024), problems):
+            assert p["teacher_ids"] == opsd.encode_chat(tok, opsd.teacher_message(q["problem"], q["solution"],
+                                                                                  cfg.instruction, transition))
+    assert "copy" in opsd.Config.teacher_transition and "yourself" in opsd.Config.teacher_transition
+
+
 def test_student_prompt_never_contains_the_reference_and_teacher_prompt_does(tiny):
     _, tok = tiny
     cfg = opsd.Config(model="tiny", dataset="arithmetic", max_new_tokens=16)
