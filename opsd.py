@@ -99,12 +99,15 @@ class Config:
     arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
     instruction: str = arg("Please reason step by step, and put your final answer within \\boxed{}.",
                            "answer-format instruction appended to both the student's and the teacher's message")
+    # Measured on the laptop preset (README): the authors' intent in our words, "Read the reference until
+    # you see why each step is taken. Do not copy it or reword it: work the problem out yourself, step by
+    # step, checking each step and rethinking any that does not hold, and reach the same final answer.",
+    # made SmolLM2-135M's teacher worse (84% -> 68% at step 0) and the student too (7% -> 48% instead of
+    # 64%), so the shorter sentence stays the default. Not measured on GSM8K with a larger model.
     teacher_transition: str = arg(
-        "Read the reference until you see why each step is taken. Do not copy it or reword it: work the "
-        "problem out yourself, step by step, checking each step and rethinking any that does not hold, "
-        "and reach the same final answer.",
-        "the teacher's sentence between the reference and the instruction (the authors' intent: understand "
-        "the reference, do not copy it, derive the answer independently)")
+        "Now solve the problem yourself, in your own words, and arrive at the same answer.",
+        "the teacher's sentence between the reference and the instruction (README: the one with the authors' "
+        "intent, understand the reference but do not copy it, measured against this default)")
     # sampling
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
@@ -530,9 +533,10 @@ def to_records(rows, cfg: Config, name: str) -> list[dict]:
 # puts its default system prompt ("You are Qwen, created by Alibaba Cloud...") before both roles'
 # message. The authors' Qwen3 runs differ: their teacher's turn has thinking mode on and the
 # student's has it off, so the two roles' templates differ there.
-# The transition (Config.teacher_transition) carries the authors' intent in our words: understand
-# the reference, do not copy or reword it, derive the same answer independently. A teacher that
-# reads the answer off the reference pulls the student onto a shortcut it cannot take (README).
+# The transition (Config.teacher_transition) asks the teacher to solve the problem itself. The
+# authors' sentence goes further (understand the reference, do not copy or reword it, derive the same
+# answer independently), against a teacher that reads the answer off the reference and pulls the
+# student onto a shortcut it cannot take. Our wording of it lost on the laptop run (see Config).
 
 def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
