@@ -1,5 +1,6 @@
 """Tests for opsd.py: CPU only, offline, a few minutes. Run: python -m pytest -q test_opsd.py"""
 
+import copy
 import json
 import re
 import math
@@ -493,18 +494,83 @@ def test_each_teacher_mode_trains_one_step(tmp_path, extra):
 
 def test_ema_teacher_moves_toward_the_student(tiny):
     model, _ = tiny
-    teacher = opsd.build_teacher(opsd.Config(teacher="ema"), model, None, torch.device("cpu"))
-    assert teacher is not model
-    before = [p.clone() for p in teacher.parameters()]
+    teacher = opsd.Teacher(opsd.Config(teacher="ema", ema_decay=0.9), model, None, torch.device("cpu"))
+    assert teacher.model is not model and teacher.state_dict() is not None
+    before = [p.clone() for p in teacher.model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    opsd.ema_update(teacher.parameters(), model.parameters(), decay=0.9)
-    for b, t, s in zip(before, teacher.parameters(), model.parameters()):
+    teacher.update(model)
+    for b, t, s in zip(before, teacher.model.parameters(), model.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(1.0)
+
+
+# --- 8. one step: opsd_step -----------------------------------------------------------------------
+
+def step_setup(**overrides):
+    cfg = opsd.Config(**{**opsd.PRESETS["smoke"], "clip": "none", "max_grad_norm": 1e9, **overrides})
+    model, tok = opsd.load_model("tiny")
+    problems = opsd.encode_problems(tok, opsd.make_arithmetic(4, seed=3), cfg, None)
+    return cfg, model, tok, problems
+
+
+def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_teacher():
+    """Recomputed by hand with the initial weights: the per-token forward KL of the step's own rollouts,
+    the teacher reading the reference prompt; the loss is its token mean over both micro-batches; the
+    update is -lr times that mean's gradient (SGD, no clip); the EMA teacher then moves by 1 - decay."""
+    cfg, model, tok, problems = step_setup(teacher="ema", ema_decay=0.5, grad_accum=2)
+    initial = copy.deepcopy(model)
+    teacher = opsd.Teacher(cfg, model, tok)
+    torch.manual_seed(0)
+    metrics, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.1),
+                                       [problems[:2], problems[2:]])
+    total, n = 0.0, 0
+    for r in rollouts:
+        s_ids, s_mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
+        t_ids, t_mask = opsd.left_pad([p["teacher_ids"] for p in r["problems"]], tok.pad_token_id)
+        with torch.no_grad():
+            t_logits = opsd.completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"])
+        s_logits = opsd.completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"])
+        per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"])[1]
+        torch.testing.assert_close(r["per_token"], per_token.detach())
+        total, n = total + per_token.sum(), n + int(r["c_mask"].sum())
+    loss = total / n
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5) and metrics["divergence"] == pytest.approx(metrics["loss"])
+    loss.backward()
+    for a, b, t in zip(initial.parameters(), model.parameters(), teacher.model.parameters()):
+        torch.testing.assert_close(b, a - 0.1 * a.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(t, 0.5 * a.detach() + 0.5 * b, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), model.parameters()))
+
+
+def test_a_non_finite_step_is_not_applied(monkeypatch):
+    cfg, model, tok, problems = step_setup()
+    before = [p.detach().clone() for p in model.parameters()]
+    real = opsd.token_divergence
+    monkeypatch.setattr(opsd, "token_divergence", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1] * math.nan))
+    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=1.0),
+                                [problems[:2]])
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
+    assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
+
+
+def test_sft_trains_on_the_reference_and_opd_reads_the_students_prompt(tiny):
+    cfg, model, tok, problems = step_setup(method="sft")
+    metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok),
+                                       torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+    for p, row, m in zip(problems, rollouts[0]["comp"], rollouts[0]["c_mask"]):
+        assert row[m].tolist() == p["reference_ids"]              # the reference in place of the rollout
+    assert metrics["divergence"] is None and metrics["loss"] > 0
+    opd = opsd.Teacher(opsd.Config(teacher_model="tiny"), model, tok)
+    assert opd.kind == "opd" and opd.own and opd.frozen and opd.prompt == "student_ids"
+    assert opsd.Teacher(opsd.Config(), model, tok).prompt == "teacher_ids"
+    comp, c_mask = torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.bool)
+    want = opsd.completion_logits(opd.model, *opsd.left_pad([p["student_ids"] for p in problems[:2]], tok.pad_token_id),
+                                  comp, c_mask)
+    torch.testing.assert_close(opd.logits(problems[:2], comp, c_mask), want)
 
 
 # --- LoRA: the teacher is the adapter switched off ----------------------------------------------
@@ -526,9 +592,9 @@ def nudge(model, rng_seed=0, lr=0.05, steps=3):
     ids, mask = opsd.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
     comp = torch.randint(3, 200, (2, 6), generator=g)
     c_mask = torch.ones_like(comp, dtype=torch.bool)
-    opt = torch.optim.AdamW(opsd.trainable(model), lr=lr)
+    opt, teacher = torch.optim.AdamW(opsd.trainable(model), lr=lr), opsd.Teacher(cfg, model)
     for _ in range(steps):
-        with torch.no_grad(), opsd.teacher_weights(cfg, model, None):
+        with torch.no_grad(), teacher.weights():
             t_logits = opsd.completion_logits(model, ids + 1, mask, comp, c_mask)  # another prompt: a real target
         loss, _ = opsd.token_divergence(opsd.completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
         loss.backward()
@@ -554,7 +620,7 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
     model.eval()
     with torch.no_grad():
         want = opsd.completion_logits(initial.eval(), *batch)
-        with opsd.teacher_weights(cfg, model, None):
+        with opsd.Teacher(cfg, model).weights():
             teacher = opsd.completion_logits(model, *batch)
         student = opsd.completion_logits(model, *batch)
     torch.testing.assert_close(teacher, want, rtol=0, atol=1e-6)  # adapter off = the initial weights
@@ -564,23 +630,25 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
 def test_lora_holds_no_teacher_copy():
     model, tok = lora_tiny()
     for teacher in ("fixed", "current", "ema"):
-        t = opsd.build_teacher(opsd.Config(teacher=teacher, lora_rank=4), model, tok, torch.device("cpu"))
-        assert t is model
-        storages = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in t.parameters()}
+        t = opsd.Teacher(opsd.Config(teacher=teacher, lora_rank=4), model, tok, torch.device("cpu"))
+        assert t.model is model
+        storages = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in t.model.parameters()}
         assert len(storages) == len(list(model.parameters()))
 
 
 def test_lora_ema_adapter_follows_the_decay_rule_and_swaps_in_and_back():
     model, _ = lora_tiny()
     params = opsd.trainable(model)
-    ema = [p.detach().clone() for p in params]
+    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4, ema_decay=0.9), model)
+    ema = teacher.ema_adapter
+    assert all(torch.equal(e, p) for e, p in zip(ema, params)) and teacher.own_tensors() is ema  # the adapter's copy
     nudge(model)
     old, student = [e.clone() for e in ema], [p.detach().clone() for p in params]
-    opsd.ema_update(ema, params, decay=0.9)
+    teacher.update(model)
     for e, o, s in zip(ema, old, student):
         torch.testing.assert_close(e, 0.9 * o + 0.1 * s)
     want = [e.clone() for e in ema]
-    with opsd.teacher_weights(opsd.Config(teacher="ema", lora_rank=4), model, ema):
+    with teacher.weights():
         inside = [p.detach().clone() for p in params]
     assert all(torch.equal(i, w) for i, w in zip(inside, want))                 # the teacher pass sees the EMA
     assert all(torch.equal(p, s) for p, s in zip(params, student))              # and the student is back
@@ -640,8 +708,8 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     cfg = opsd.Config(batch_size=2, max_new_tokens=4)
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
     full = sum(p.numel() for p in model.parameters()) * 4  # bytes, fp32
-    copy_ = opsd.build_teacher(cfg, model, tok, torch.device("cpu"))
-    a = opsd.memory_arithmetic(cfg, model, copy_, None, records)
+    copy_ = opsd.Teacher(cfg, model, tok, torch.device("cpu"))
+    a = opsd.memory_arithmetic(cfg, model, copy_, records)
     assert a["student weights"] == a["gradients"] == full == a["teacher weights"]
     assert a["AdamW states (2 per trained weight)"] == 2 * full
     P = max(len(r["student_ids"]) for r in records)
@@ -649,7 +717,8 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     assert a["KV cache of one micro-batch's rollouts"] == 2 * c.num_hidden_layers * c.num_key_value_heads * \
         (c.hidden_size // c.num_attention_heads) * 2 * (P + 4) * 4
     lora, _ = lora_tiny()
-    b = opsd.memory_arithmetic(opsd.Config(**{**vars(cfg), "lora_rank": 4}), lora, lora, None, records)
+    lora_cfg = opsd.Config(**{**vars(cfg), "lora_rank": 4})
+    b = opsd.memory_arithmetic(lora_cfg, lora, opsd.Teacher(lora_cfg, lora), records)
     assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
 
 
@@ -671,8 +740,9 @@ def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
     model, tok = tiny
     cfg = opsd.Config(batch_size=2, max_new_tokens=4)
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
-    fp32 = opsd.memory_arithmetic(cfg, model, model, None, records, torch.float32)
-    bf16 = opsd.memory_arithmetic(cfg, model, model, None, records, torch.bfloat16)
+    current = opsd.Teacher(opsd.Config(teacher="current"), model)
+    fp32 = opsd.memory_arithmetic(cfg, model, current, records, torch.float32)
+    bf16 = opsd.memory_arithmetic(cfg, model, current, records, torch.bfloat16)
     key = "logits of one micro-batch (teacher + student)"
     assert fp32[key] == 2 * bf16[key] and fp32["student weights"] == bf16["student weights"]
 
