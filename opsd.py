@@ -1080,11 +1080,10 @@ def read_dataset(name: str):
 # --- Precision: bf16 on CUDA, and the static cache's dtype ----------------------------------------
 
 def compute_dtype(device, say=print) -> torch.dtype:
-    """The half precision of a CUDA run: bf16 for the autocast passes and the frozen weights. A GPU
-    without native bf16 (the T4 of free notebook services, compute capability 7.5) gets fp32 and one
-    line saying so: fp16 instead would need a gradient scaler, and Qwen2.5's activations can overflow
-    fp16's range. (torch's check counts emulated bf16 as support, hence including_emulation=False.)
-    A CPU run is fp32 throughout."""
+    """The half precision of a CUDA run (bf16: the autocast passes, the frozen weights); fp32 on a CPU.
+    A GPU without native bf16 (the T4 of free notebook services) gets fp32 and one line saying so:
+    fp16 would need a gradient scaler, and Qwen2.5's activations can overflow it. (torch counts
+    emulated bf16 as support, hence including_emulation=False.)"""
     if device.type != "cuda":
         return torch.float32
     if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -1303,7 +1302,7 @@ class StopSignal:
         self.old = {}
 
 
-RESUME_FREE = {"preset", "max_steps", "output_dir", "overwrite", "resume", "keep_checkpoints"}
+RESUME_FREE = {"preset", "max_steps", "output_dir", "overwrite", "resume", "keep_checkpoints", "device"}
 
 
 def step_checkpoints(out_dir: Path) -> list[Path]:
@@ -1312,9 +1311,10 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[15:]))
 
 
-def load_training_state(cfg: Config, out_dir: Path) -> dict:
+def load_training_state(cfg: Config, out_dir: Path, device: torch.device) -> dict:
     """--resume: the last step checkpoint in out_dir, after checking that the run's settings are the
-    same except for --max-steps and the output flags."""
+    same except for --max-steps and the output flags. config.json holds the device the run resolved
+    (`--device auto` -> cpu, cuda:0 under torchrun), so the device is compared by kind, CPU or CUDA."""
     ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
     if not ckpts or not (out_dir / "config.json").is_file():
         raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
@@ -1324,6 +1324,9 @@ def load_training_state(cfg: Config, out_dir: Path) -> dict:
     if changed:
         raise OPSDError("--resume: the run in " + str(out_dir) + " was started with " + ", ".join(
             f"--{n.replace('_', '-')} {saved[n]}" for n in changed) + "; only --max-steps may change")
+    if torch.device(saved["device"]).type != device.type:
+        raise OPSDError(f"--resume: the run in {out_dir} ran on {saved['device']}, and --device {cfg.device} is "
+                        f"{device}; resume it on the same kind of device")
     state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False)
     if state["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
         raise OPSDError(f"--resume: the run used {state['world_size']} processes; resume it with as many")
@@ -1510,7 +1513,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     """Everything before the first step, in an order the seeds depend on: the output dir (and the
     checkpoint to resume), the student, the data, the teacher, the optimizer; then config.json."""
     out_dir = check_output_dir(cfg)
-    resumed = load_training_state(cfg, out_dir) if cfg.resume else None  # refuses other settings, in one line
+    resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None  # refuses other settings, in one line
     if world > 1:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     random.seed(cfg.seed)
@@ -1628,8 +1631,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
-        print(f"error: CUDA out of memory (rank {os.environ.get('RANK', 0)}); lower --batch-size (raise --grad-accum to keep the effective batch), "
-              "lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
+        print(f"error: CUDA out of memory (rank {os.environ.get('RANK', 0)}); lower --batch-size (raise --grad-accum "
+              "to keep the effective batch), lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
         return 3
     except Interrupted as e:
         if lead:

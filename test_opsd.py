@@ -641,7 +641,7 @@ def test_lora_ema_adapter_follows_the_decay_rule_and_swaps_in_and_back():
     params = opsd.trainable(model)
     teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4, ema_decay=0.9), model)
     ema = teacher.ema_adapter
-    assert all(torch.equal(e, p) for e, p in zip(ema, params)) and teacher.own_tensors() is ema  # the adapter's copy
+    assert all(torch.equal(e, p) and e.data_ptr() != p.data_ptr() for e, p in zip(ema, params))  # the adapter's copy
     nudge(model)
     old, student = [e.clone() for e in ema], [p.detach().clone() for p in params]
     teacher.update(model)
@@ -916,6 +916,21 @@ def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     for where in (tmp_path / "missing", tmp_path):
         r = run_cli("--preset", "smoke", "--max-steps", "3", "--output-dir", str(where), "--resume")
         assert_one_line_error(r, "--resume")
+
+
+def test_resume_under_the_default_device_auto(tmp_path):
+    """config.json keeps the resolved device ("cpu" for --device auto here): resuming with the same
+    command must not read that as a changed setting. Another kind of device is refused in one line."""
+    out = tmp_path / "r"
+    common = ["--preset", "smoke", "--device", "auto", "--eval-size", "0", "--output-dir", str(out)]
+    assert opsd.main([*common, "--max-steps", "2"]) == 0
+    assert json.loads((out / "config.json").read_text())["device"] == "cpu"
+    assert opsd.main([*common, "--max-steps", "3", "--resume"]) == 0
+    assert [l["step"] for l in opsd.read_metrics(out)[0]] == [1, 2, 3]
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "device": "cuda:0"}))  # as if it had run on a GPU
+    r = run_cli(*common, "--max-steps", "4", "--resume")
+    assert_one_line_error(r, "--resume", "cuda:0", "same kind of device")
 
 
 # --- bad input: one line, non-zero exit, no traceback --------------------------------------------
