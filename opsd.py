@@ -1277,6 +1277,14 @@ class Interrupted(Exception):
         self.code = code
 
 
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: stop at once; main exits with 128 + the signal's number."""
+
+    def __init__(self, signum=signal.SIGINT):
+        super().__init__()
+        self.signum = signum
+
+
 class StopSignal:
     """The first Ctrl-C (SIGINT) or SIGTERM, which notebook services and schedulers send, asks the
     loop to stop after the current step; a second one stops at once. Outside the main thread (no
@@ -1292,7 +1300,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise StopNow(signum)
         self.signum = signum
         self.say(f"\n{signal.Signals(signum).name}: stopping after this step (once more to stop at once)", file=sys.stderr)
 
@@ -1327,7 +1335,7 @@ def load_training_state(cfg: Config, out_dir: Path, device: torch.device) -> dic
     if torch.device(saved["device"]).type != device.type:
         raise OPSDError(f"--resume: the run in {out_dir} ran on {saved['device']}, and --device {cfg.device} is "
                         f"{device}; resume it on the same kind of device")
-    state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False)
+    state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False, map_location="cpu")  # not on GPU 0
     if state["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
         raise OPSDError(f"--resume: the run used {state['world_size']} processes; resume it with as many")
     if cfg.max_steps <= state["step"]:
@@ -1519,6 +1527,11 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
     half = compute_dtype(device, say)  # bf16 on CUDA; fp32 on a CPU or a GPU without bf16
+    train_set, held_out = load_problems(cfg)  # the data before any model: a wrong --dataset costs seconds
+    if cfg.eval_size > len(held_out):
+        say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
+    if len(train_set) < cfg.batch_size * world:
+        raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -1528,7 +1541,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
-    plan, encoded, eval_set = plan_data(cfg, tok, model, world, rank, say)
+    plan, encoded, eval_set = plan_data(cfg, tok, model, train_set, held_out, world, rank)
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model  # DDP: every process now holds rank 0's weights
     teacher = Teacher(cfg, model, tok, device, half)  # built after DDP's broadcast
@@ -1546,14 +1559,9 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     return run
 
 
-def plan_data(cfg: Config, tok, model, world: int, rank: int, say):
+def plan_data(cfg: Config, tok, model, train_set: list, held_out: list, world: int, rank: int):
     """The whole run's micro-batches, drawn up front (indices into the training set), and only those
     problems tokenised: a prompt too long for the context is refused before any step."""
-    train_set, held_out = load_problems(cfg)
-    if cfg.eval_size > len(held_out):
-        say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
-    if len(train_set) < cfg.batch_size * world:
-        raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     stream = batches(range(len(train_set)), cfg.batch_size, cfg.seed, rank, world)
     plan = [next(stream) for _ in range(cfg.max_steps * cfg.grad_accum)]
     seen = sorted({i for micro in plan for i in micro})
@@ -1617,7 +1625,7 @@ def save_step(run: Run, step: int) -> None:
 
 
 def main(argv=None) -> int:
-    lead = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone speaks
+    lead, cfg = os.environ.get("RANK", "0") == "0", None  # under torchrun, rank 0 alone speaks
     try:
         from huggingface_hub.utils import logging as hub_logging
         hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
@@ -1638,9 +1646,12 @@ def main(argv=None) -> int:
         if lead:
             print(e, file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
-        print("interrupted at once: the last step checkpoint is the one to resume from", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the loop began
+        ckpts = step_checkpoints(cfg.output_dir) if cfg is not None and cfg.output_dir else []
+        if lead:
+            print("interrupted at once: " + (f"{ckpts[-1]} is the last step checkpoint; continue with the same command "
+                                             "plus --resume" if ckpts else "no step checkpoint to resume from"), file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     if not lead:
         return 0
     _, evals = read_metrics(out)

@@ -933,6 +933,49 @@ def test_resume_under_the_default_device_auto(tmp_path):
     assert_one_line_error(r, "--resume", "cuda:0", "same kind of device")
 
 
+def test_resume_loads_the_training_state_to_the_cpu(tmp_path, monkeypatch):
+    """On CUDA, torch.load without map_location puts every rank's AdamW state on GPU 0."""
+    common = ["--preset", "smoke", "--eval-size", "0", "--output-dir", str(tmp_path / "r")]
+    assert opsd.main([*common, "--max-steps", "1"]) == 0
+    real, seen = torch.load, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    assert opsd.main([*common, "--max-steps", "2", "--resume"]) == 0
+    assert seen and set(seen) == {"cpu"}
+
+
+def test_a_second_sigterm_stops_at_once_with_143(tmp_path, monkeypatch, capsys):
+    """The handler itself (a subprocess cannot time two signals: the OS merges a pending pair)."""
+    said = []
+    stop = opsd.StopSignal(lambda *a, **k: said.append(a))
+    stop.handle(signal.SIGTERM, None)                       # the first: finish the step, then stop
+    assert stop.signum == signal.SIGTERM and len(said) == 1
+    with pytest.raises(KeyboardInterrupt) as second:        # the second: at once
+        stop.handle(signal.SIGTERM, None)
+
+    def stopped(cfg, progress=True):
+        raise second.value
+    monkeypatch.setattr(opsd, "train", stopped)
+    assert opsd.main(["--preset", "smoke", "--output-dir", str(tmp_path / "o")]) == 143  # 128 + SIGTERM
+    assert "interrupted at once" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_step_says_whether_there_is_a_checkpoint(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg, progress=True):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(opsd, "train", interrupted)
+    args = ["--preset", "smoke", "--output-dir", str(tmp_path / "o")]
+    assert opsd.main(args) == 130
+    assert "no step checkpoint to resume from" in capsys.readouterr().err
+    (tmp_path / "o" / "checkpoint-step3").mkdir(parents=True)
+    assert opsd.main(args) == 130
+    err = capsys.readouterr().err
+    assert "checkpoint-step3 is the last step checkpoint" in err and "--resume" in err
+
+
 # --- bad input: one line, non-zero exit, no traceback --------------------------------------------
 
 def assert_one_line_error(r, *words):
@@ -988,6 +1031,16 @@ def test_teacher_with_a_different_tokenizer_is_refused(tmp_path, tiny):
     tok.save_pretrained(other)
     r = run_cli("--preset", "smoke", "--teacher-model", str(other), "--output-dir", str(tmp_path / "o"))
     assert_one_line_error(r, "different tokenizer")
+
+
+def test_a_wrong_dataset_is_found_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded before the data was read")
+    monkeypatch.setattr(opsd, "load_model", no_model)
+    assert opsd.main(["--preset", "laptop", "--dataset", str(tmp_path / "missing.jsonl"),
+                      "--output-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_smollm2_without_its_package_says_how_to_install(tmp_path, monkeypatch, capsys):
