@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -181,14 +182,11 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
         raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles (use an instruct model)")
     # Hub generation configs carry top-k/top-p/repetition penalties that would make sampling
     # off-policy (pitfall 7). Keep only the special-token ids; sampling settings are explicit below.
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    model.generation_config = GenerationConfig(
-        eos_token_id=sorted(set(_as_list(eos)) | {tok.eos_token_id}), pad_token_id=tok.pad_token_id)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
+                                               pad_token_id=tok.pad_token_id)
     return model, tok
-
-
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def check_vocab(tok, vocab_of, name: str) -> None:
@@ -823,10 +821,9 @@ OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")  # and
 
 
 def log(f, line: dict) -> None:
-    if f is None:  # not rank 0
-        return
-    f.write(json.dumps(line) + "\n")
-    f.flush()
+    if f is not None:  # rank 0 alone writes
+        f.write(json.dumps(line) + "\n")
+        f.flush()
 
 
 def load_config(run_dir) -> Config:
@@ -1277,14 +1274,6 @@ class Interrupted(Exception):
         self.code = code
 
 
-class StopNow(KeyboardInterrupt):
-    """A second Ctrl-C or SIGTERM: stop at once; main exits with 128 + the signal's number."""
-
-    def __init__(self, signum=signal.SIGINT):
-        super().__init__()
-        self.signum = signum
-
-
 class StopSignal:
     """The first Ctrl-C (SIGINT) or SIGTERM, which notebook services and schedulers send, asks the
     loop to stop after the current step; a second one stops at once. Outside the main thread (no
@@ -1300,7 +1289,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise StopNow(signum)
+            raise KeyboardInterrupt(signum)  # stop at once; main exits with 128 + signum
         self.signum = signum
         self.say(f"\n{signal.Signals(signum).name}: stopping after this step (once more to stop at once)", file=sys.stderr)
 
@@ -1519,7 +1508,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
 
 def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     """Everything before the first step, in an order the seeds depend on: the output dir (and the
-    checkpoint to resume), the student, the data, the teacher, the optimizer; then config.json."""
+    checkpoint to resume), the data, the student, the teacher, the optimizer; then config.json."""
     out_dir = check_output_dir(cfg)
     resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None  # refuses other settings, in one line
     if world > 1:
@@ -1541,7 +1530,14 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
-    plan, encoded, eval_set = plan_data(cfg, tok, model, train_set, held_out, world, rank)
+    # The whole run's micro-batches, drawn up front (indices into train_set), and only those problems
+    # tokenised: a prompt too long for the context is refused before any step.
+    plan = list(itertools.islice(batches(range(len(train_set)), cfg.batch_size, cfg.seed, rank, world),
+                                 cfg.max_steps * cfg.grad_accum))
+    context = getattr(model.config, "max_position_embeddings", None)
+    seen = sorted({i for micro in plan for i in micro})
+    encoded = dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context)))
+    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model  # DDP: every process now holds rank 0's weights
     teacher = Teacher(cfg, model, tok, device, half)  # built after DDP's broadcast
@@ -1557,17 +1553,6 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     if rank == 0:
         open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable)
     return run
-
-
-def plan_data(cfg: Config, tok, model, train_set: list, held_out: list, world: int, rank: int):
-    """The whole run's micro-batches, drawn up front (indices into the training set), and only those
-    problems tokenised: a prompt too long for the context is refused before any step."""
-    stream = batches(range(len(train_set)), cfg.batch_size, cfg.seed, rank, world)
-    plan = [next(stream) for _ in range(cfg.max_steps * cfg.grad_accum)]
-    seen = sorted({i for micro in plan for i in micro})
-    context = getattr(model.config, "max_position_embeddings", None)
-    encoded = dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context)))
-    return plan, encoded, encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
 
 
 def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_trainable: int) -> None:
@@ -1651,7 +1636,7 @@ def main(argv=None) -> int:
         if lead:
             print("interrupted at once: " + (f"{ckpts[-1]} is the last step checkpoint; continue with the same command "
                                              "plus --resume" if ckpts else "no step checkpoint to resume from"), file=sys.stderr)
-        return 128 + getattr(e, "signum", signal.SIGINT)
+        return 128 + (e.args[0] if e.args else signal.SIGINT)
     if not lead:
         return 0
     _, evals = read_metrics(out)
