@@ -132,7 +132,8 @@ class Config:
     overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
     resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same settings; "
                               "--max-steps may grow)")
-    keep_checkpoints: int = arg(2, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep")
+    keep_checkpoints: int = arg(1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
+                                   "newest keeps the optimizer state")
     seed: int = arg(0, "seed for data order, sampling and the tiny model")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
@@ -331,16 +332,17 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
     return [p["solution"] for p in problems]
 
 
-def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None) -> list[dict]:
+def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None) -> list[dict | None]:
     """Adds student_ids, teacher_ids and reference_ids (the reference solution + EOS, the target of
-    --method sft) to each record; refuses prompts that cannot fit the model's context."""
+    --method sft) to each record. A problem whose longer prompt plus --max-new-tokens exceeds the
+    model's context (when given) comes back as None: the caller skips it."""
     out = []
     for p, reference in zip(problems, privileged_text(problems, cfg.privileged)):
         s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
         t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction, cfg.teacher_transition))
         if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
-            raise OPSDError(f"a prompt of {max(len(s), len(t))} tokens plus --max-new-tokens {cfg.max_new_tokens} "
-                            f"exceeds the model's context of {context}; lower --max-new-tokens or use shorter problems")
+            out.append(None)
+            continue
         r = tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [tok.eos_token_id]
         out.append({**p, "student_ids": s, "teacher_ids": t, "reference_ids": r})
     return out
@@ -477,7 +479,10 @@ class Teacher:
     def weights(self):
         """Inside this block self.model holds the teacher's weights. Only LoRA's fixed and EMA teachers
         need a switch: the adapter off (exactly the initial weights, as the authors), or the EMA
-        adapter's tensors swapped in and back (storages exchanged, nothing copied; the base is shared)."""
+        adapter's tensors swapped in and back (storages exchanged, nothing copied; the base is shared).
+        Autocast caches a half copy of each trainable fp32 weight, keyed by the Parameter object, for
+        the rest of its region; a swap keeps the objects, so each switch drops that cache, or one role
+        would run on the other's cached copies (the teacher's evaluation on the student's adapter)."""
         if self.own or self.kind == "current":
             yield
         elif self.kind == "fixed":
@@ -486,10 +491,12 @@ class Teacher:
         else:
             params = trainable(self.model)
             _swap(params, self.ema_adapter)
+            torch.clear_autocast_cache()
             try:
                 yield
             finally:
                 _swap(params, self.ema_adapter)
+                torch.clear_autocast_cache()
 
     @torch.no_grad()
     def logits(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
@@ -573,21 +580,24 @@ def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", be
         raise ValueError(f"unknown loss {loss!r}")
     if loss == "sampled_token" and sampled_tokens is None:
         raise ValueError("loss='sampled_token' needs sampled_tokens (B, C)")
+    B, C = mask.shape
     V = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    s = student_logits[..., :V].flatten(0, 1)                       # (N, V), N = B * C: views, no copies
-    t = teacher_logits[..., :V].flatten(0, 1).detach()              # the teacher never gets a gradient
-    y = sampled_tokens.flatten() if sampled_tokens is not None else torch.zeros(len(s), dtype=torch.long, device=s.device)
-    m = mask.flatten()
+    s = student_logits[..., :V]                                     # (B, C, V): a view, no copy
+    t = teacher_logits[..., :V].detach()                            # the teacher never gets a gradient
+    y = sampled_tokens if sampled_tokens is not None else torch.zeros(B, C, dtype=torch.long, device=s.device)
     chunk = chunk_size or max(1, 2 ** 26 // V)                      # ~256 MB of fp32 per intermediate
     opts = (loss, beta, clip, clip_tau, top_k, temperature)
-    pieces = []
-    for i in range(0, len(s), chunk):
-        args = (s[i:i + chunk], t[i:i + chunk], y[i:i + chunk], m[i:i + chunk])
-        if torch.is_grad_enabled() and s.requires_grad:             # recompute this chunk in backward
-            pieces.append(torch.utils.checkpoint.checkpoint(_divergence_chunk, *args, *opts, use_reentrant=False))
-        else:
-            pieces.append(_divergence_chunk(*args, *opts))
-    per_token = torch.cat(pieces).view(mask.shape)                  # (B, C), 0 where masked
+    rows = []
+    for b in range(B):  # chunks within one rollout: s[b, i:j] is a view (flattening (B, C) would copy the logits)
+        pieces = []
+        for i in range(0, C, chunk):
+            args = (s[b, i:i + chunk], t[b, i:i + chunk], y[b, i:i + chunk], mask[b, i:i + chunk])
+            if torch.is_grad_enabled() and s.requires_grad:         # recompute this chunk in backward
+                pieces.append(torch.utils.checkpoint.checkpoint(_divergence_chunk, *args, *opts, use_reentrant=False))
+            else:
+                pieces.append(_divergence_chunk(*args, *opts))
+        rows.append(torch.cat(pieces))                              # (C,)
+    per_token = torch.stack(rows)                                   # (B, C), 0 where masked
     return per_token.sum() / mask.sum().clamp(min=1), per_token
 
 
@@ -1170,15 +1180,22 @@ def no_sync(student, last: bool):
     return contextlib.nullcontext()
 
 
-def check_replicas(model, device) -> None:
-    """After training with several processes, every process must hold the same weights."""
+def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
+    """After training with several processes, every process must hold the same weights: rank 0's
+    trained weights are broadcast a chunk at a time (16 MB of fp32) and compared bit for bit, so no
+    process ever holds more than one chunk beyond its own model."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    flat = torch.cat([p.detach().double().flatten() for p in trainable(model)])
-    mine = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine.to(device))
-    if any(not torch.equal(e, every[0]) for e in every):
+    differ = False
+    for p in trainable(model):
+        flat = p.detach().view(-1)                                  # a view of the weight, not a copy
+        for i in range(0, flat.numel(), chunk):
+            theirs = flat[i:i + chunk].clone()                      # rank 0 sends its chunk, the others receive it
+            dist.broadcast(theirs, src=0)
+            differ |= not torch.equal(theirs, flat[i:i + chunk])
+    if all_reduce([float(differ)], device, op="max")[0]:
+        if dist.get_rank() > 0:
+            raise Stopped()  # rank 0 says it
         raise OPSDError("the processes' weights differ after training: a synchronisation bug, please report it")
 
 
@@ -1201,10 +1218,13 @@ class Timer:
         self.peak = max(self.peak, peak_memory_gb(self.device))
 
     def metrics(self, decode_steps: int | None) -> dict:
-        """The step's times and peak memory, maxed over the processes (the slowest one)."""
-        gen, teacher, student, peak = all_reduce([self.sec.get(k, 0.0) for k in ("generate", "teacher", "student")]
-                                                 + [self.peak], self.device, op="max")
-        return {"sec_generate": gen, "ms_per_decode_step": decode_steps and 1000 * gen / decode_steps,
+        """The step's times and peak memory, each maxed over the processes (the slowest one). A decode
+        step's milliseconds are each process's own rollout time over its own decode steps, then maxed."""
+        gen = self.sec.get("generate", 0.0)
+        per_step = 1000 * gen / decode_steps if decode_steps else 0.0
+        gen, ms, teacher, student, peak = all_reduce(
+            [gen, per_step, self.sec.get("teacher", 0.0), self.sec.get("student", 0.0), self.peak], self.device, op="max")
+        return {"sec_generate": gen, "ms_per_decode_step": ms if decode_steps else None,
                 "sec_teacher": teacher, "sec_student": student, "peak_mem_gb": peak}
 
 
@@ -1246,8 +1266,9 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
         # (B, C + 1, V) rows from the teacher pass and from the student pass
         "logits of one micro-batch (teacher + student)": B * (C + 1) * (V + V_t) * act,
-        # _divergence_chunk: two float copies, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32
-        "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, 2 ** 26 // V)) * V * 4,
+        # _divergence_chunk: two float copies, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32,
+        # n <= C positions of one rollout (the logits above are sliced, never copied)
+        "one chunk of the divergence (7 fp32 tensors)": 7 * min(C, max(1, 2 ** 26 // V)) * V * 4,
     }
 
 
@@ -1272,6 +1293,32 @@ class Interrupted(Exception):
         super().__init__(f"interrupted after step {step}: {out_dir}/checkpoint-step{step} holds it; continue with the "
                          f"same command plus --resume")
         self.code = code
+
+
+class Stopped(Exception):
+    """Under torchrun: this process stops because another one stopped the run and says why (rank 0 for
+    the errors every process meets alike, or the rank whose error it was). Exits quietly with `code`."""
+
+    def __init__(self, code=2):
+        super().__init__()
+        self.code = code
+
+
+def on_rank_zero(run: Run, write) -> None:
+    """write() on rank 0 while the other processes wait for it: none exits before a checkpoint is on disk
+    (torchrun would signal the rest, and a second signal stops a write). If it fails, every process
+    stops: rank 0 with its error, the others quietly."""
+    error = None
+    if run.rank == 0:
+        try:
+            write()
+        except BaseException as e:  # a full disk, out of memory, a second Ctrl-C
+            error = e
+    failed = all_reduce([float(error is not None)], run.device, op="max")[0] > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise Stopped()
 
 
 class StopSignal:
@@ -1369,24 +1416,78 @@ def keep_lines(path: Path, last_step: int) -> None:
 def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
     Under LoRA: checkpoint/ holds the merged model (W + (alpha / r) B A, loadable with transformers
-    alone) and checkpoint/adapter/ the adapter (loadable with peft). The merge runs on a copy: the
-    model in memory keeps its adapter unmerged (merging in place and back would round bf16 weights)."""
+    alone) and checkpoint/adapter/ the adapter (loadable with peft). The merge runs on a copy in CPU
+    memory (`cpu_copy`): the GPU holds no second model, and the model in memory keeps its adapter
+    unmerged (merging in place and back would round bf16 weights). Out of memory stays out of memory."""
     tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if is_lora(model):
-            model.save_pretrained(tmp / "adapter")
-            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with quiet_transformers():
+            if is_lora(model):
+                model.save_pretrained(tmp / "adapter")
+                cpu_copy(model).merge_and_unload().save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         if state is not None:  # a step checkpoint: what --resume needs besides the weights
             torch.save(state, tmp / "training_state.pt")
+    except (torch.OutOfMemoryError, MemoryError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except Exception as e:  # a full disk surfaces as OSError, or as safetensors' or torch's own error
         shutil.rmtree(tmp, ignore_errors=True)
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise OPSDError(f"could not write {final}: {msg}; free disk space (a full fine-tuning step "
-                        "checkpoint holds the weights and AdamW's two states) or use another --output-dir") from None
+        raise disk_error(final, e) from None
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def disk_error(path: Path, e: Exception) -> OPSDError:
+    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    return OPSDError(f"could not write {path}: {msg}; free disk space (a full fine-tuning step checkpoint "
+                     "holds the weights and AdamW's two states) or use another --output-dir")
+
+
+def cpu_copy(model):
+    """A deep copy of the module whose weights and buffers are fresh tensors in CPU memory, made one
+    tensor at a time: deepcopy takes each from `memo` instead of cloning it on its own device."""
+    memo = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        c = t.detach().to("cpu", copy=True)
+        memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
+    return copy.deepcopy(model, memo)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Writing model shards" bar from save_pretrained: the run's own progress line is the only one."""
+    from transformers.utils import logging as hf_logging
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def link_final_checkpoint(out_dir: Path, step: int) -> None:
+    """checkpoint/ at the end of a run: the last step checkpoint's weights and tokenizer, as hard links
+    to its files (on disk once; copies where the file system has no hard links), without the
+    optimizer state. Temporary folder, then rename, as in save_checkpoint."""
+    tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    try:
+        shutil.copytree(out_dir / f"checkpoint-step{step}", tmp, copy_function=link,
+                        ignore=shutil.ignore_patterns("training_state.pt"))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise disk_error(final, e) from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
@@ -1446,11 +1547,18 @@ class Run:
 def train(cfg: Config, progress: bool = True) -> Path:
     """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir.
     Under torchrun, one process of several: the process group ends with the run."""
-    check_config(cfg)
-    rank, world, device = setup_distributed(cfg)
+    rank = int(os.environ.get("RANK", "0"))
     stop = StopSignal(print if rank == 0 else lambda *a, **k: None)
     try:
-        return loop(prepare(cfg, rank, world, device, stop.say), stop, progress and rank == 0)
+        try:  # every process meets the setup's errors alike (the same flags, data and model): rank 0 says them
+            check_config(cfg)
+            rank, world, device = setup_distributed(cfg)
+            run = prepare(cfg, rank, world, device, stop.say)
+        except OPSDError:
+            if rank > 0:
+                raise Stopped() from None
+            raise
+        return loop(run, stop, progress and rank == 0)
     finally:
         stop.restore()
         if dist.is_initialized():
@@ -1473,9 +1581,9 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         micro = [[run.encoded[i] for i in m] for m in run.plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]]
         line, rollouts = opsd_step(cfg, run.student, run.teacher, run.optimizer, micro, run.autocast, run.bucket, timer)
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
-            if run.rank == 0:
-                save_checkpoint(run.model, run.tok, run.out_dir)
-                run.metrics.close()
+            on_rank_zero(run, lambda: (save_checkpoint(run.model, run.tok, run.out_dir), run.metrics.close()))
+            if run.rank > 0:
+                raise Stopped()  # rank 0 says it
             raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
                             f"after step {step - 1}. Lower --lr or --max-grad-norm")
         decode_steps = None if cfg.method == "sft" else sum(r["comp"].shape[1] for r in rollouts)
@@ -1498,11 +1606,10 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
                 run.metrics.close()
             raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
     check_replicas(run.model, run.device)
-    if run.rank == 0:
-        run.metrics.close()
-        save_checkpoint(run.model, run.tok, run.out_dir)
-        if run.world > 1:
-            run.say(f"checked: the weights are identical in all {run.world} processes")
+    # checkpoint/: the last step checkpoint's weights, linked, not written a second time
+    on_rank_zero(run, lambda: (run.metrics.close(), link_final_checkpoint(run.out_dir, cfg.max_steps)))
+    if run.world > 1:
+        run.say(f"checked: the weights are identical in all {run.world} processes")
     return run.out_dir
 
 
@@ -1530,14 +1637,16 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
-    # The whole run's micro-batches, drawn up front (indices into train_set), and only those problems
-    # tokenised: a prompt too long for the context is refused before any step.
-    plan = list(itertools.islice(batches(range(len(train_set)), cfg.batch_size, cfg.seed, rank, world),
-                                 cfg.max_steps * cfg.grad_accum))
     context = getattr(model.config, "max_position_embeddings", None)
-    seen = sorted({i for micro in plan for i in micro})
-    encoded = dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context)))
+    plan, encoded, skipped = draw_plan(cfg, tok, train_set, context, rank, world)
     eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
+    if eval_set and not any(eval_set):
+        raise OPSDError(f"none of the {len(eval_set)} held-out problems fits the model's context of {context} tokens "
+                        f"with --max-new-tokens {cfg.max_new_tokens}; lower it")
+    if skipped or None in eval_set:
+        say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems whose prompt plus "
+            f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
+    eval_set = [r for r in eval_set if r is not None]
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model  # DDP: every process now holds rank 0's weights
     teacher = Teacher(cfg, model, tok, device, half)  # built after DDP's broadcast
@@ -1550,9 +1659,32 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
         run.teacher_acc = resumed["teacher_acc"]
-    if rank == 0:
-        open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable)
+    on_rank_zero(run, lambda: open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable))
     return run
+
+
+def draw_plan(cfg: Config, tok, train_set: list[dict], context: int | None, rank: int, world: int):
+    """The whole run's micro-batches, drawn up front (indices into train_set), and only those problems
+    tokenised. A drawn problem that does not fit the context is skipped: the plan is drawn again
+    without it (every process draws every process's share, so that all skip alike). With nothing
+    skipped, the plan is the stream's first draws. Returns (plan, {index: encoded problem}, skipped)."""
+    skip = set()
+    while True:
+        pool = [i for i in range(len(train_set)) if i not in skip]
+        if len(pool) < cfg.batch_size * world:
+            raise OPSDError(f"only {len(pool)} of {len(train_set)} training problems fit the model's context of "
+                            f"{context} tokens with --max-new-tokens {cfg.max_new_tokens}, too few for --batch-size "
+                            f"{cfg.batch_size}; lower them")
+        plans = [list(itertools.islice(batches(pool, cfg.batch_size, cfg.seed, r, world), cfg.max_steps * cfg.grad_accum))
+                 for r in range(world)]
+        encoded = []
+        for plan in plans:
+            seen = sorted({i for micro in plan for i in micro})
+            encoded.append(dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context))))
+        too_long = {i for share in encoded for i, record in share.items() if record is None}
+        if not too_long:
+            return plans[rank], encoded[rank], len(skip)
+        skip |= too_long
 
 
 def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_trainable: int) -> None:
@@ -1592,7 +1724,8 @@ def run_eval(run: Run, step: int) -> None:
 
 
 def save_step(run: Run, step: int) -> None:
-    """checkpoint-step<step>/: the weights, as checkpoint/, plus what --resume needs; older ones rotate out."""
+    """checkpoint-step<step>/: the weights, as checkpoint/, plus what --resume needs. Older ones rotate out
+    (--keep-checkpoints), and those kept lose their optimizer state: --resume starts from the newest."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}
     rngs = [None] * run.world
@@ -1600,17 +1733,29 @@ def save_step(run: Run, step: int) -> None:
         dist.all_gather_object(rngs, rng)  # each process samples with its own generator
     else:
         rngs = [rng]
-    if run.rank == 0:
+
+    def write():
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": run.teacher.state_dict(),
                  "teacher_acc": run.teacher_acc, "world_size": run.world}
         save_checkpoint(run.model, run.tok, run.out_dir, f"checkpoint-step{step}", state)
         for old in step_checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old)
+        for old in step_checkpoints(run.out_dir)[:-1]:  # only the newest needs AdamW's state (2x the weights)
+            (old / "training_state.pt").unlink(missing_ok=True)
         log(run.metrics, {"split": "checkpoint", "step": step, "dir": f"checkpoint-step{step}"})
+    on_rank_zero(run, write)
+
+
+def lost_contact(e: Exception) -> bool:
+    """Under torchrun: a collective failed, because another process ended (its error is its own line)."""
+    import traceback
+    return isinstance(e, dist.DistError) or any(f.filename.endswith("distributed_c10d.py")
+                                                 for f in traceback.extract_tb(e.__traceback__))
 
 
 def main(argv=None) -> int:
-    lead, cfg = os.environ.get("RANK", "0") == "0", None  # under torchrun, rank 0 alone speaks
+    rank, cfg = os.environ.get("RANK", "0"), None
+    lead, who = rank == "0", "" if rank == "0" else f" (rank {rank})"  # under torchrun, rank 0 speaks for all
     try:
         from huggingface_hub.utils import logging as hub_logging
         hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
@@ -1619,12 +1764,13 @@ def main(argv=None) -> int:
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
         out = train(cfg)
-    except OPSDError as e:
-        if lead:
-            print(f"error: {e}", file=sys.stderr)
+    except OPSDError as e:  # rank 0's, or another rank's own (the errors all ranks meet alike are rank 0's)
+        print(f"error{who}: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # another process stopped the run and says why
+        return e.code
     except torch.OutOfMemoryError:
-        print(f"error: CUDA out of memory (rank {os.environ.get('RANK', 0)}); lower --batch-size (raise --grad-accum "
+        print(f"error: CUDA out of memory (rank {rank}); lower --batch-size (raise --grad-accum "
               "to keep the effective batch), lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
         return 3
     except Interrupted as e:
@@ -1637,6 +1783,11 @@ def main(argv=None) -> int:
             print("interrupted at once: " + (f"{ckpts[-1]} is the last step checkpoint; continue with the same command "
                                              "plus --resume" if ckpts else "no step checkpoint to resume from"), file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
+    except Exception as e:
+        if not lost_contact(e):
+            raise  # a bug: its traceback is what a report needs
+        print(f"error{who}: another process stopped (its error is above): {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        return 1
     if not lead:
         return 0
     _, evals = read_metrics(out)

@@ -1,6 +1,7 @@
 """Tests for opsd.py: CPU only, offline, a few minutes. Run: python -m pytest -q test_opsd.py"""
 
 import copy
+import itertools
 import json
 import re
 import math
@@ -151,6 +152,39 @@ def test_chunked_and_unchunked_agree(loss, beta, clip, top_k):
     for other in results[:2]:
         for a, b in zip(other, results[2]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_divergence_never_copies_the_logits_of_a_batch(tiny):
+    """completion_logits returns a slice of (B, C + 1, V), not contiguous for B > 1: flattening it to
+    (B * C, V) would copy both roles' logits for the whole step (the old "views, no copies" comment).
+    The forward may hold one chunk of positions at a time, nothing of the batch's size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(a, torch.Tensor)}
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:  # new memory
+                    self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
+            return out
+
+    B, C, V, chunk = 3, 6, 37, 2
+    full = torch.randn(B, C + 1, V, requires_grad=True)
+    s_logits, t_logits = full[:, :-1], torch.randn(B, C + 1, V + 5)[:, :-1]    # as completion_logits returns
+    mask = torch.ones(B, C, dtype=torch.bool)
+    with Largest() as largest:
+        loss, per_token = opsd.token_divergence(s_logits, t_logits, mask, clip="pointwise", chunk_size=chunk)
+    assert largest.numel <= chunk * V                                           # one chunk, never (B * C, V)
+    want = opsd.token_divergence(s_logits.detach().contiguous(), t_logits.contiguous(), mask, clip="pointwise")[1]
+    torch.testing.assert_close(per_token, want)
+    loss.backward()
+    assert full.grad is not None and full.grad[:, -1].abs().sum() == 0
 
 
 def test_teacher_vocabulary_is_cut_to_the_students():
@@ -460,7 +494,7 @@ def test_cli_end_to_end_writes_every_output_and_a_checkpoint_that_reloads(tmp_pa
     r = run_cli("--preset", "smoke", "--max-steps", "2", "--eval-every", "1", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint",
-                                               "checkpoint-step1", "checkpoint-step2"}
+                                               "checkpoint-step2"}
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
     keys = {"loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "sec_generate", "sec_teacher",
@@ -656,6 +690,31 @@ def test_lora_ema_adapter_follows_the_decay_rule_and_swaps_in_and_back():
     assert any(not torch.equal(i, s) for i, s in zip(inside, student))
 
 
+def test_lora_ema_teacher_is_its_own_model_inside_an_autocast_region_the_student_used_first(tiny):
+    """Autocast caches a bf16 copy of each trainable fp32 weight, keyed by the Parameter object; the
+    EMA swap exchanges storages under the same objects. Student then teacher in one region (as
+    `evaluate` runs them) must still give the teacher's logits, not the student's cached ones."""
+    model, tok = lora_tiny()
+    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4), model, tok)
+    batch = nudge(model, lr=0.2)                            # the student's adapter moves; the EMA's does not
+    model.eval()
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    with torch.no_grad():
+        with bf16(), teacher.weights():
+            want_teacher = opsd.completion_logits(model, *batch)   # a region of its own: no stale copies
+        with bf16():
+            want_student = opsd.completion_logits(model, *batch)
+        with bf16():                                                # one region, student first
+            student = opsd.completion_logits(model, *batch)
+            with teacher.weights():
+                got_teacher = opsd.completion_logits(model, *batch)
+            student_after = opsd.completion_logits(model, *batch)
+    assert (want_teacher - want_student).abs().max() > 1e-2         # the two roles differ
+    assert torch.equal(student, want_student)
+    assert torch.equal(got_teacher, want_teacher)
+    assert torch.equal(student_after, want_student)                 # and the student's copies are not the EMA's
+
+
 def test_lora_checkpoint_is_merged_reloads_with_transformers_and_leaves_the_model_unmerged(tmp_path):
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
@@ -678,6 +737,38 @@ def test_lora_checkpoint_is_merged_reloads_with_transformers_and_leaves_the_mode
     with torch.no_grad():
         torch.testing.assert_close(opsd.completion_logits(adapter, *batch), before, rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_lora_checkpoint_merges_a_cpu_copy_and_never_clones_a_weight_on_its_device(tmp_path, monkeypatch):
+    """Issue 15 item 8: the merge used to run on copy.deepcopy(model), a second model on the GPU.
+    Every weight of the merged copy must come from cpu_copy's fresh CPU tensors: no Parameter is
+    deep-copied by itself (which clones it where it lies), and the model keeps its own weights."""
+    model, tok = lora_tiny()
+    nudge(model)
+    cloned = []
+    real = torch.nn.Parameter.__deepcopy__
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", lambda self, memo: cloned.append(self) or real(self, memo))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    copy_ = opsd.cpu_copy(model)
+    assert cloned == []
+    ptrs = {p.data_ptr() for p in model.parameters()}
+    assert all(p.device.type == "cpu" and p.data_ptr() not in ptrs for p in copy_.parameters())
+    copy_.merge_and_unload()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # merging the copy left the model
+    opsd.save_checkpoint(model, tok, tmp_path)
+    assert cloned == [] and (tmp_path / "checkpoint" / "model.safetensors").exists()
+
+
+def test_out_of_memory_while_saving_is_reported_as_out_of_memory(tmp_path, monkeypatch, capsys):
+    from transformers import PreTrainedModel
+
+    def oom(self, path, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", oom)
+    code = opsd.main(["--preset", "smoke", "--max-steps", "1", "--eval-size", "0", "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 3 and "out of memory" in err and "disk" not in err and "Traceback" not in err
+    assert not list((tmp_path / "r").glob("*.tmp"))
 
 
 @pytest.mark.parametrize("extra", [["--teacher", "fixed"], ["--teacher", "current"], ["--teacher", "ema"],
@@ -749,10 +840,57 @@ def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
 
 # --- several processes: torchrun, DDP, gloo on the CPU ---------------------------------------------
 
-def torchrun(*args, n=2):
+def torchrun(*args, n=2, script=HERE / "opsd.py", launcher=(), timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           str(HERE / "opsd.py"), *args], capture_output=True, text=True, cwd=HERE, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                           *launcher, str(script), *args], capture_output=True, text=True, cwd=HERE, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)})
+
+
+CHECK_REPLICAS = """
+import sys, torch, torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+import opsd
+
+class Largest(TorchDispatchMode):  # the largest block of new memory any op makes
+    numel = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)}
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:  # new memory
+                Largest.numel = max(Largest.numel, o.untyped_storage().nbytes() // o.element_size())
+        return out
+
+dist.init_process_group("gloo")
+model = opsd.load_model("tiny")[0]
+n_params = sum(p.numel() for p in model.parameters())
+verdicts = []
+for perturb in (False, True):
+    if perturb and dist.get_rank() == 1:  # one ulp in the last element of the last weight, on rank 1 only
+        with torch.no_grad():
+            w = list(model.parameters())[-1].view(-1)
+            w[-1] = torch.nextafter(w[-1], torch.tensor(1e9))
+    try:
+        with Largest():
+            opsd.check_replicas(model, torch.device("cpu"), chunk=256)
+        verdicts.append("same")
+    except (opsd.OPSDError, opsd.Stopped):  # rank 0 says it, the others stop quietly
+        verdicts.append("differ")
+sys.stdout.write(f"rank {dist.get_rank()}: {verdicts} largest {Largest.numel} of {n_params}\\n")
+sys.stdout.flush()
+dist.destroy_process_group()
+"""
+
+
+def test_check_replicas_finds_one_ulp_on_one_rank_without_copying_the_model(tmp_path):
+    (tmp_path / "check.py").write_text(CHECK_REPLICAS)
+    r = torchrun(script=tmp_path / "check.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(l for l in r.stdout.splitlines() if l.startswith("rank "))
+    assert len(lines) == 2 and all("['same', 'differ']" in l for l in lines), r.stdout
+    largest, n_params = (int(x) for x in re.search(r"largest (\d+) of (\d+)", lines[0]).groups())
+    assert largest <= 256 < n_params  # one chunk at a time, never a copy of the weights
 
 
 @pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--teacher", "ema", "--grad-accum", "2", "--lr", "1e-2"]])
@@ -761,7 +899,7 @@ def test_torchrun_two_processes_train_and_write_every_output_once(tmp_path, extr
     r = torchrun("--preset", "smoke", "--max-steps", "2", "--output-dir", str(out), *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "samples.jsonl", "checkpoint",
-                                               "checkpoint-step1", "checkpoint-step2"}
+                                               "checkpoint-step2"}
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
     assert all(math.isfinite(l["loss"]) for l in train) and all(l["n"] == 8 for l in evals)
@@ -769,6 +907,112 @@ def test_torchrun_two_processes_train_and_write_every_output_once(tmp_path, extr
     assert r.stdout.count("done:") == 1 and r.stdout.count("parameters:") == 1
     assert "the weights are identical in all 2 processes" in r.stdout  # checksums gathered to rank 0
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+WORKER = """
+import os, sys, time
+import opsd
+rank, pids = os.environ["RANK"], sys.argv.pop(1)
+open(os.path.join(pids, "rank" + rank), "w").write(str(os.getpid()))
+real_save, real_step, steps = opsd.save_checkpoint, opsd.opsd_step, []
+
+def slow_save(*args, **kwargs):  # a large model's checkpoint: seconds of writing on rank 0
+    time.sleep(float(os.environ.get("SLOW_SAVE", "0")))
+    return real_save(*args, **kwargs)
+
+def failing_step(*args, **kwargs):  # an error on one rank only (as a too-long prompt once was)
+    steps.append(1)
+    if rank == os.environ.get("FAIL_RANK") and len(steps) == 2:
+        raise opsd.OPSDError("injected on this rank alone")
+    return real_step(*args, **kwargs)
+
+opsd.save_checkpoint, opsd.opsd_step = slow_save, failing_step
+code = opsd.main(sys.argv[1:])
+sys.stdout.write(f"rank {rank} exits {code}\\n")
+sys.stdout.flush()
+sys.exit(code)
+"""
+
+
+def start_workers(tmp_path, out, *args, env=()):
+    """torchrun with WORKER around opsd.main, started in the background; waits for 3 logged steps."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    pids = tmp_path / "pids"
+    pids.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "worker.py"), str(pids), "--preset", "smoke", "--eval-every", "0",
+                             "--eval-size", "8", "--output-dir", str(out), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE),
+                                 **dict(env)})
+    return proc, pids
+
+
+def wait_for_steps(out, n, proc):
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if sum('"train"' in l for l in _lines(out / "metrics.jsonl")) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} steps: " + proc.communicate()[1][-2000:])
+
+
+@pytest.mark.parametrize("target", ["launcher", "workers"])
+def test_sigterm_under_torchrun_writes_the_checkpoint_before_any_process_exits(tmp_path, target):
+    """Issue 15 item 4. SIGTERM to torchrun (it passes it on to every worker) or to the workers
+    themselves (a scheduler): rank 0 writes for 3 s, and no rank may exit before it is done --
+    torchrun would signal rank 0 a second time, which stops the write. Every worker exits 143 (torchrun
+    itself reports the signal its own way), the checkpoint loads, and the run resumes."""
+    out = tmp_path / "r"
+    proc, pids = start_workers(tmp_path, out, "--max-steps", "100000", env={"SLOW_SAVE": "3"})
+    wait_for_steps(out, 3, proc)
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        for f in pids.iterdir():
+            os.kill(int(f.read_text()), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert sorted(l for l in stdout.splitlines() if " exits " in l) == ["rank 0 exits 143", "rank 1 exits 143"], stderr[-3000:]
+    ckpts = step_checkpoints = opsd.step_checkpoints(out)
+    assert len(ckpts) == 1 and (ckpts[0] / "training_state.pt").exists() and not list(out.glob("*.tmp"))
+    step = int(ckpts[0].name.removeprefix("checkpoint-step"))
+    assert [l["step"] for l in opsd.read_metrics(out)[0]][-1] == step
+    assert stderr.count(f"interrupted after step {step}") == 1 and 'File "' + str(HERE / "opsd.py") not in stderr
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ckpts[0])
+    r = torchrun("--preset", "smoke", "--eval-every", "0", "--eval-size", "8", "--max-steps", str(step + 1),
+                 "--output-dir", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [l["step"] for l in opsd.read_metrics(out)[0]][-1] == step + 1
+
+
+@pytest.mark.parametrize("fail_rank", ["0", "1"])
+def test_an_error_on_one_rank_is_one_line_and_every_process_exits_in_seconds(tmp_path, fail_rank):
+    """Issue 15 item 5: an error raised on one process only reaches the user as one line naming the
+    rank, with no traceback of ours, and every process is gone within seconds."""
+    out = tmp_path / "r"
+    start = time.time()
+    proc, _ = start_workers(tmp_path, out, "--max-steps", "100000", env={"FAIL_RANK": fail_rank})
+    stdout, stderr = proc.communicate(timeout=120)
+    assert time.time() - start < 60 and proc.returncode != 0
+    who = "" if fail_rank == "0" else " (rank 1)"
+    assert stderr.count(f"error{who}: injected on this rank alone") == 1, stderr[-3000:]
+    assert f"rank {fail_rank} exits 2" in stdout
+    assert 'File "' + str(HERE / "opsd.py") not in stderr                     # no traceback from our code
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_process(tmp_path):
+    """A write that fails on rank 0 (here: checkpoint-step1.tmp is a file, so the folder cannot be made)
+    stops all processes at once: rank 0 says why, the others leave quietly, nothing hangs."""
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "checkpoint-step1.tmp").write_text("in the way")
+    start = time.time()
+    r = torchrun("--preset", "smoke", "--max-steps", "3", "--eval-every", "1", "--output-dir", str(out), "--overwrite")
+    assert r.returncode != 0 and time.time() - start < 90
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: could not write") and "checkpoint-step1" in errors[0], r.stderr[-3000:]
+    assert 'File "' + str(HERE / "opsd.py") not in r.stderr                   # no traceback from our code
 
 
 def test_two_processes_make_the_one_process_update(tmp_path):
@@ -854,28 +1098,62 @@ def test_checkpoint_rotation_keeps_the_last_few(tmp_path):
     assert sorted(p.name for p in out.glob("checkpoint-step*")) == ["checkpoint-step4", "checkpoint-step5"]
     notes = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in notes if l["split"] == "checkpoint"] == [1, 2, 3, 4, 5]
+    assert not (out / "checkpoint-step4" / "training_state.pt").exists()     # only the newest keeps AdamW
+    assert (out / "checkpoint-step5" / "training_state.pt").exists()
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-step4")             # the weights stay loadable
+
+
+def test_a_finished_run_holds_its_weights_once_and_one_optimizer_state(tmp_path, capsys):
+    """Issue 15 item 9: checkpoint/ is the last step checkpoint's weights, hard-linked, not written
+    twice; older step checkpoints are rotated out (default --keep-checkpoints 1); no transformers
+    "Writing model shards" bar among the run's output. The run still resumes from its last step."""
+    out = tmp_path / "r"
+    assert opsd.main(["--preset", "smoke", "--max-steps", "3", "--eval-every", "1", "--eval-size", "0",
+                      "--output-dir", str(out)]) == 0
+    assert "Writing model shards" not in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "checkpoint-step3", "config.json", "metrics.jsonl"]
+    final, step = out / "checkpoint", out / "checkpoint-step3"
+    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in step.iterdir() if p.name != "training_state.pt")
+    assert all(os.path.samefile(f, step / f.name) for f in final.iterdir())   # on disk once
+    inodes = {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in out.rglob("*") if f.is_file()}
+    weights = (final / "model.safetensors").stat().st_size
+    state = (step / "training_state.pt").stat().st_size
+    assert sum(inodes.values()) < weights + state + 100_000                   # weights once, AdamW once, small files
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(final)
+    assert opsd.main(["--preset", "smoke", "--max-steps", "4", "--eval-every", "1", "--eval-size", "0",
+                      "--output-dir", str(out), "--resume"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint", "checkpoint-step4"]
+    AutoModelForCausalLM.from_pretrained(final)                               # relinked to step 4's weights
+    assert os.path.samefile(final / "model.safetensors", out / "checkpoint-step4" / "model.safetensors")
 
 
 def test_full_disk_while_saving_is_one_line_and_leaves_no_half_checkpoint(tmp_path, monkeypatch, capsys):
-    """A disk that fills up during the final save (as on the H200 of the GPU table): exit 2 with one
-    line, the step checkpoint already written stays, and no checkpoint.tmp/ is left behind."""
+    """A disk that fills up while the last step checkpoint is written (as on the H200 of the GPU
+    table): exit 2 with one line, the step checkpoint written before stays whole (with its optimizer
+    state, as the newest complete one), and no checkpoint-step2.tmp/ is left behind."""
     from transformers import PreTrainedModel
     out, real = tmp_path / "r", PreTrainedModel.save_pretrained
 
     def fill_up(self, path, *a, **k):
-        if Path(path).name == "checkpoint.tmp":
+        if Path(path).name == "checkpoint-step2.tmp":
             real(self, path, *a, **k)  # part of it lands, then the disk is full
             raise OSError(28, "No space left on device")
         return real(self, path, *a, **k)
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", fill_up)
-    code = opsd.main(["--preset", "smoke", "--max-steps", "2", "--eval-every", "2", "--eval-size", "0",
+    code = opsd.main(["--preset", "smoke", "--max-steps", "2", "--eval-every", "1", "--eval-size", "0",
                       "--output-dir", str(out)])
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.startswith("error:")]  # the rest is progress bars
     assert code == 2 and "Traceback" not in err and len(lines) == 1
-    assert "No space left on device" in lines[0] and "checkpoint" in lines[0]
-    assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
-    assert (out / "checkpoint-step2" / "training_state.pt").exists()
+    assert "No space left on device" in lines[0] and "checkpoint-step2" in lines[0]
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint").exists()
+    assert (out / "checkpoint-step1" / "training_state.pt").exists()
+    monkeypatch.undo()  # space freed: the run resumes from step 1
+    assert opsd.main(["--preset", "smoke", "--max-steps", "2", "--eval-every", "1", "--eval-size", "0",
+                      "--output-dir", str(out), "--resume"]) == 0
+    assert "resumed from checkpoint-step1" in capsys.readouterr().out
 
 
 def test_sigint_writes_a_checkpoint_of_a_completed_step_and_exits_130(tmp_path):
@@ -1014,6 +1292,36 @@ def test_bad_input_cases(tmp_path):
     assert (busy / "keep.txt").read_text() == "mine"
 
 
+def test_problems_longer_than_the_context_are_skipped_not_the_run(tmp_path, capsys, tiny):
+    """Issue 15 item 6: a problem whose prompt plus --max-new-tokens does not fit is skipped, train and
+    held-out counted apart, and the run goes on; refused only when none fits. Nothing skipped: the
+    plan is the stream's first draws, as before."""
+    long = "Count the marbles. " * 400                                          # > 1,024 tokens of the tiny model
+    rows = [{"question": (long if i % 5 == 0 else "") + f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(60)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:50]))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[50:]))
+    args = ["--preset", "smoke", "--dataset", str(folder), "--max-steps", "3", "--batch-size", "4", "--eval-size", "10"]
+    assert opsd.main([*args, "--output-dir", str(tmp_path / "o")]) == 0
+    note = [l for l in capsys.readouterr().out.splitlines() if "skipped" in l]
+    train_skips = int(re.search(r"skipped (\d+) training", note[0]).group(1))
+    assert len(note) == 1 and train_skips >= 1 and "and 2 held-out problems" in note[0]
+    assert opsd.read_metrics(tmp_path / "o")[1][0]["n"] == 8                   # 10 held out, 2 too long
+    for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines():
+        assert "marbles" not in json.loads(line)["problem"]
+    # the plan: no long problem, and the stream's first draws when nothing is skipped
+    model, tok = tiny
+    cfg = opsd.parse_args(args)
+    train_set = opsd.load_problems(cfg)[0]
+    plan, encoded, skipped = opsd.draw_plan(cfg, tok, train_set, 1024, 0, 1)
+    assert skipped == train_skips and all("marbles" not in encoded[i]["problem"] for m in plan for i in m)
+    plan, _, skipped = opsd.draw_plan(cfg, tok, train_set, None, 0, 1)
+    assert skipped == 0 and plan == list(itertools.islice(opsd.batches(range(50), 4, cfg.seed), 3))
+    r = run_cli(*args, "--max-new-tokens", "1000", "--output-dir", str(tmp_path / "none"), env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(r, "fit", "context")                                 # none fits: refused
+
+
 def test_eval_size_larger_than_held_out_is_clamped_and_said(tmp_path, capsys):
     f = tmp_path / "small.jsonl"
     f.write_text("".join(json.dumps({"question": f"{i}+{i}?", "answer": f"#### {2 * i}"}) + "\n" for i in range(40)))
@@ -1145,6 +1453,18 @@ def test_metrics_have_per_phase_timings_and_decode_speed(tmp_path):
     line = train[0]
     assert line["ms_per_decode_step"] > 0 and line["sec_generate"] > 0 and line["peak_mem_gb"] > 0
     assert line["sec_teacher"] > 0 and line["sec_student"] > 0
+
+
+def test_decode_speed_under_ddp_is_each_process_own_time_over_its_own_steps(monkeypatch):
+    """Two processes: this one rolled out 2 s over 100 decode steps, the other 3 s over 300 (longer
+    rollouts, faster per step). The slowest rank's ms per decode step is ours, 20, not 3 s / 100."""
+    other = {"sec_generate": 3.0, "ms_per_decode_step": 10.0, "sec_teacher": 0.0, "sec_student": 0.0, "peak": 0.0}
+    monkeypatch.setattr(opsd, "all_reduce", lambda values, device, op="sum": [max(a, b) for a, b in zip(values, other.values())])
+    timer = opsd.Timer()
+    timer.sec = {"generate": 2.0, "teacher": 1.0, "student": 1.0}
+    m = timer.metrics(decode_steps=100)
+    assert m["sec_generate"] == 3.0 and m["ms_per_decode_step"] == pytest.approx(20.0)
+    assert opsd.Timer().metrics(decode_steps=None)["ms_per_decode_step"] is None  # SFT: no rollouts
 
 
 # --- the notebook ----------------------------------------------------------------------------------
