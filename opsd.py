@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -128,6 +129,10 @@ class Config:
     # evaluation and output
     eval_every: int = arg(20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
     eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
+    eval_samples: int = arg(0, "also K sampled answers per held-out problem at --temperature: avg@K, pass@K, distinct "
+                               "answers (the authors: 12); 0 = greedy only")
+    grader: str = arg("lenient", "lenient (the last \\boxed{}, else the last number) or math-verify (the last "
+                                 "\\boxed{} only, by the math-verify library: the authors')", ["lenient", "math-verify"])
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
     overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
     resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same settings; "
@@ -659,6 +664,19 @@ def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=20
     return torch.stack(path).float()
 
 
+@torch.no_grad()
+def token_entropy(logits, mask, temperature=1.0, chunk_size=None) -> torch.Tensor:
+    """(B, C) fp32: H(p) = -sum_v p(v) log p(v) at each completion token, p = softmax(logits / T), 0 where
+    masked. A monitor, never a loss: chunks of one rollout's positions, as in token_divergence."""
+    B, C, V = logits.shape
+    chunk, out = chunk_size or max(1, 2 ** 26 // V), torch.zeros(B, C, device=logits.device)
+    for b in range(B):
+        for i in range(0, C, chunk):
+            log_p = (logits[b, i:i + chunk].float() / temperature).log_softmax(-1)    # (n, V)
+            out[b, i:i + chunk] = -(log_p.exp() * log_p).sum(-1)
+    return torch.where(mask, out, 0.0)
+
+
 def cross_entropy(student_logits, targets, mask):
     """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*.
     Same return convention as token_divergence. (Not chunked: the baseline, not the method.)"""
@@ -691,7 +709,7 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
                                            cfg.temperature, bucket)                                   # (B, C)
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
     N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)  # completion tokens, all processes
-    sums = dict(loss=0.0, divergence=0.0, clipped=0.0)
+    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0)
     for i, r in enumerate(rollouts):
         problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
         with timer("teacher"), autocast:  # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
@@ -716,8 +734,8 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     eos = torch.tensor(gen.eos_token_id, device=model.device)
     lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()                            # tokens per rollout
     cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()               # no EOS: truncated
-    loss, div, clipped, len_sum, cut_sum, n_rollouts = all_reduce(
-        [sums["loss"], sums["divergence"], sums["clipped"], lens.sum().item(), cut.sum().item(), len(lens)], model.device)
+    loss, div, clipped, h_s, h_t, len_sum, cut_sum, n_rollouts = all_reduce(
+        list(sums.values()) + [lens.sum().item(), cut.sum().item(), len(lens)], model.device)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
     if math.isfinite(loss) and torch.isfinite(grad_norm):  # a NaN/inf step is never applied
         optimizer.step()
@@ -725,17 +743,21 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     optimizer.zero_grad(set_to_none=True)
     n = N.item()
     return {"loss": loss / n, "divergence": None if sft else div / n, "completion_len": len_sum / n_rollouts,
-            "truncated_frac": cut_sum / n_rollouts, "clip_frac": clipped / n, "grad_norm": grad_norm.item()}, rollouts
+            "truncated_frac": cut_sum / n_rollouts, "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
+            "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n}, rollouts
 
 
 @torch.no_grad()
 def monitors(cfg: Config, s_logits, t_logits, mask, per_token) -> dict[str, float]:
     """Sums over one micro-batch of what the logs show beside the loss, from the logits the step already
-    has: the loss itself, `divergence` (always the unclipped full-vocabulary forward KL: deviation 7)
-    and `clipped` (tokens whose clip was active)."""
-    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0}
+    has: the loss itself, `divergence` (always the unclipped full-vocabulary forward KL: deviation 7),
+    `clipped` (tokens whose clip was active), and each role's token entropy H(p) = -sum_v p(v) log p(v):
+    a divergence that falls while H(p_S) collapses is a student that stopped exploring, not one that learned."""
+    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0,
+           "entropy_student": token_entropy(s_logits, mask, cfg.temperature).sum().item(), "entropy_teacher": math.nan}
     if t_logits is None:  # SFT: there is no teacher
         return out
+    out["entropy_teacher"] = token_entropy(t_logits, mask, cfg.temperature).sum().item()
     plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
     kl = per_token if plain_kl else token_divergence(s_logits, t_logits, mask, temperature=cfg.temperature)[1]
     out["divergence"] = kl.sum().item()
@@ -752,15 +774,18 @@ def monitors(cfg: Config, s_logits, t_logits, mask, per_token) -> dict[str, floa
 # Greedy decoding, one answer per problem, graded by extract_answer: the last \boxed{}, else the
 # number after "The answer is" or "####", else the last number (lenient, so that a small model's
 # format slips do not hide what it can do). The authors sample 12 answers per problem and grade the
-# last \boxed{} with math-verify: their numbers are averages over samples under a strict format, and
-# ours are not comparable to them digit for digit.
+# last \boxed{} with math-verify (avg@12): --eval-samples 12 --grader math-verify gives that protocol.
+# Sampled answers also show what greedy decoding hides: pass@K (any of the K right) and how many
+# distinct answers the K samples give, a measure of the diversity that self-distillation can narrow.
 
 @torch.no_grad()
-def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config, bucket: int = 1) -> dict:
+def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config, bucket: int = 1,
+             seed: int = 0) -> dict:
     """Greedy accuracy on held-out problems: the student without the reference, and the privileged
     teacher with it (OPD: the separate teacher, on the student's prompt); teacher=None skips it. The
     difference is the 'privilege gap': what there is to distill. Returns the counts of correct
-    answers and, for three problems, what each role wrote."""
+    answers and, for three problems, what each role wrote. With cfg.eval_samples = K > 0, also each
+    role's sums over the problems of `sampled` (avg, pass, distinct), from its own seeded generator."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
@@ -773,9 +798,13 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
                 comp, c_mask = rollout(m, [p[key] for p in chunk], cfg.max_new_tokens, None, bucket, gen)
             for p, row, rmask in zip(chunk, comp, c_mask):
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
-                correct += extract_answer(text) == p["answer"]
+                correct += grade(text, p["answer"], cfg.grader)[0]
                 texts[role].append(text)
         result[f"{role}_correct"] = correct
+        if cfg.eval_samples:
+            with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):  # training's RNG untouched
+                torch.manual_seed(seed)
+                result.update({f"{role}_{k}": v for k, v in sampled(m, key, weights, tok, eval_set, cfg, bucket).items()})
     result["samples"] = []
     for j, p in enumerate(eval_set[:3]):  # a few problems, to read what each role wrote
         sample_line = {"problem": p["problem"], "gold": p["answer"]}
@@ -784,6 +813,43 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
             sample_line[f"{role}_answer"] = extract_answer(texts[role][j])
         result["samples"].append(sample_line)
     return result
+
+
+def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket: int = 1) -> dict[str, float]:
+    """K = cfg.eval_samples answers per problem at the training temperature: K copies of each prompt in
+    one generate, about 2 x batch-size rows per call. Sums over the problems of
+      avg       the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
+      pass      1 if any of the K is right (pass@K >= avg@K)
+      distinct  the number of distinct normalised final answers among the K ("no answer" is one)."""
+    K, gen = cfg.eval_samples, m.generation_config
+    per_call = max(1, 2 * cfg.batch_size // K)
+    sums = {"avg": 0.0, "pass": 0.0, "distinct": 0.0}
+    for i in range(0, len(eval_set), per_call):
+        chunk = eval_set[i:i + per_call]
+        with weights():
+            comp, c_mask = rollout(m, [p[key] for p in chunk for _ in range(K)], cfg.max_new_tokens,
+                                   cfg.temperature, bucket, gen)                          # (len(chunk) * K, C)
+        for j, p in enumerate(chunk):
+            graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"], cfg.grader)
+                      for r in range(j * K, (j + 1) * K)]                                # problem j's K answers
+            sums["avg"] += sum(ok for ok, _ in graded) / K
+            sums["pass"] += any(ok for ok, _ in graded)
+            sums["distinct"] += len({answer for _, answer in graded})
+    return sums
+
+
+def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, str | None]:
+    """(right?, the normalised final answer) of one completion. lenient: extract_answer(text) == gold.
+    math-verify: only the last \\boxed{} counts (none: wrong), compared with the gold answer by the
+    math-verify library, which reads 1,234 and 1234, 0.5 and \\frac{1}{2}, 18.0 and 18 as equal."""
+    if grader == "lenient":
+        answer = extract_answer(text)
+        return answer == gold, answer
+    boxed = last_boxed(text)
+    if boxed is None:
+        return False, None
+    from math_verify import parse, verify
+    return bool(verify(parse(gold), parse(f"\\boxed{{{boxed}}}"))), normalize(boxed)
 
 
 NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
@@ -912,6 +978,10 @@ def check_config(cfg: Config) -> None:
                         f"(got {cfg.lora_rank}, {cfg.lora_alpha})")
     if cfg.arith_digits < 1 or cfg.arith_steps < 1:
         raise OPSDError("--arith-digits and --arith-steps must be at least 1")
+    if cfg.eval_samples < 0:
+        raise OPSDError(f"--eval-samples must be 0 (greedy only) or positive (got {cfg.eval_samples})")
+    if cfg.grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise OPSDError("--grader math-verify needs the math-verify package: pip install math-verify")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1539,7 +1609,7 @@ class Run:
     encoded: dict            # training problems with their token ids
     eval_set: list           # held-out problems with their token ids
     first: int = 1           # the first step to run (resumed: the checkpoint's step + 1)
-    teacher_acc: float | None = None  # a frozen teacher's greedy accuracy never changes: measured once
+    teacher_eval: dict | None = None  # a frozen teacher's scores never change: measured once
     last_eval: dict | None = None
     metrics: object = None   # metrics.jsonl, open on rank 0
 
@@ -1581,7 +1651,10 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         micro = [[run.encoded[i] for i in m] for m in run.plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]]
         line, rollouts = opsd_step(cfg, run.student, run.teacher, run.optimizer, micro, run.autocast, run.bucket, timer)
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
-            on_rank_zero(run, lambda: (save_checkpoint(run.model, run.tok, run.out_dir), run.metrics.close()))
+            def keep_last_good():  # the weights after step - 1: the update of this step was never applied
+                save_checkpoint(run.model, run.tok, run.out_dir)
+                run.metrics.close()
+            on_rank_zero(run, keep_last_good)
             if run.rank > 0:
                 raise Stopped()  # rank 0 says it
             raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
@@ -1596,7 +1669,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
             run_eval(run, step)
         div = "-" if line["divergence"] is None else f"{line['divergence']:.3f}"
         acc = f"{run.last_eval['student_acc']:.2f}/{run.last_eval['teacher_acc']:.2f}" if run.last_eval else "-"
-        bar.set_postfix(loss=f"{line['loss']:.4f}", div=div, len=f"{line['completion_len']:.0f}", acc=acc)
+        bar.set_postfix(loss=f"{line['loss']:.4f}", div=div, H=f"{line['entropy_student']:.2f}",
+                        len=f"{line['completion_len']:.0f}", acc=acc)
         stopping = all_reduce([float(stop.signum is not None)], run.device, op="max")[0] > 0  # all stop together
         if scheduled or stopping:
             save_step(run, step)
@@ -1606,8 +1680,10 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
                 run.metrics.close()
             raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
     check_replicas(run.model, run.device)
-    # checkpoint/: the last step checkpoint's weights, linked, not written a second time
-    on_rank_zero(run, lambda: (run.metrics.close(), link_final_checkpoint(run.out_dir, cfg.max_steps)))
+    def finish():  # checkpoint/: the last step checkpoint's weights, linked, not written a second time
+        run.metrics.close()
+        link_final_checkpoint(run.out_dir, cfg.max_steps)
+    on_rank_zero(run, finish)
     if run.world > 1:
         run.say(f"checked: the weights are identical in all {run.world} processes")
     return run.out_dir
@@ -1658,7 +1734,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
     if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
-        run.teacher_acc = resumed["teacher_acc"]
+        run.teacher_eval = resumed.get("teacher_eval")  # None: measured again
     on_rank_zero(run, lambda: open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable))
     return run
 
@@ -1706,16 +1782,26 @@ def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_tra
 
 
 def run_eval(run: Run, step: int) -> None:
-    """Evaluate (section 9), each process on its own slice, and log the summed counts."""
+    """Evaluate (section 9), each process on its own slice, and log the summed counts over all n."""
+    cfg = run.cfg
     k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)  # rank 0's slice comes first
-    skip_teacher = run.teacher.frozen and run.teacher_acc is not None
-    with run.autocast:
-        res = evaluate(run.model, None if skip_teacher else run.teacher, run.tok,
-                       run.eval_set[run.rank * k:(run.rank + 1) * k], run.cfg, run.bucket)
-    student_ok, teacher_ok = all_reduce([res["student_correct"], res["teacher_correct"] or 0], run.device)
-    if res["teacher_correct"] is not None:
-        run.teacher_acc = teacher_ok / n
-    run.last_eval = {"split": "eval", "step": step, "student_acc": student_ok / n, "teacher_acc": run.teacher_acc, "n": n}
+    skip_teacher = run.teacher.frozen and run.teacher_eval is not None
+    with run.autocast:  # sampled answers: seeded by the run's seed, the step and the process
+        res = evaluate(run.model, None if skip_teacher else run.teacher, run.tok, run.eval_set[run.rank * k:(run.rank + 1) * k],
+                       cfg, run.bucket, seed=1_000_000 * cfg.seed + 1_000 * step + run.rank)
+    names = ["correct"] + (["avg", "pass", "distinct"] if cfg.eval_samples else [])
+    keys = [f"{role}_{name}" for role in ("student", "teacher") for name in names]
+    sums = dict(zip(keys, all_reduce([res.get(key) or 0 for key in keys], run.device)))
+    scores = {}
+    for role in ("student", "teacher"):
+        scores[f"{role}_acc"] = sums[f"{role}_correct"] / n
+        if cfg.eval_samples:
+            for name, label in (("avg", "avg_at_k"), ("pass", "pass_at_k"), ("distinct", "distinct")):
+                scores[f"{role}_{label}"] = sums[f"{role}_{name}"] / n
+    if not skip_teacher:
+        run.teacher_eval = {key: v for key, v in scores.items() if key.startswith("teacher_")}
+    run.last_eval = {"split": "eval", "step": step, **scores, **run.teacher_eval, "n": n,
+                     **({"k": cfg.eval_samples} if cfg.eval_samples else {})}
     log(run.metrics, run.last_eval)
     if run.rank == 0:
         with open(run.out_dir / "samples.jsonl", "a") as f:
@@ -1736,7 +1822,7 @@ def save_step(run: Run, step: int) -> None:
 
     def write():
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": run.teacher.state_dict(),
-                 "teacher_acc": run.teacher_acc, "world_size": run.world}
+                 "teacher_eval": run.teacher_eval, "world_size": run.world}
         save_checkpoint(run.model, run.tok, run.out_dir, f"checkpoint-step{step}", state)
         for old in step_checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old)

@@ -1,5 +1,6 @@
 """Tests for opsd.py: CPU only, offline, a few minutes. Run: python -m pytest -q test_opsd.py"""
 
+import contextlib
 import copy
 import itertools
 import json
@@ -561,7 +562,7 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
     torch.manual_seed(0)
     metrics, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.1),
                                        [problems[:2], problems[2:]])
-    total, n = 0.0, 0
+    total, n, h_s, h_t = 0.0, 0, 0.0, 0.0
     for r in rollouts:
         s_ids, s_mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
         t_ids, t_mask = opsd.left_pad([p["teacher_ids"] for p in r["problems"]], tok.pad_token_id)
@@ -571,8 +572,14 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
         per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"])[1]
         torch.testing.assert_close(r["per_token"], per_token.detach())
         total, n = total + per_token.sum(), n + int(r["c_mask"].sum())
+        for logits, role in ((s_logits.detach().double(), "s"), (t_logits.double(), "t")):  # H(p), float64
+            h = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[r["c_mask"]].sum().item()
+            h_s, h_t = (h_s + h, h_t) if role == "s" else (h_s, h_t + h)
     loss = total / n
     assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5) and metrics["divergence"] == pytest.approx(metrics["loss"])
+    assert metrics["entropy_student"] == pytest.approx(h_s / n, rel=1e-5)    # the token mean of H(p_S)
+    assert metrics["entropy_teacher"] == pytest.approx(h_t / n, rel=1e-5)
+    assert metrics["entropy_student"] != pytest.approx(metrics["entropy_teacher"], rel=1e-6)
     loss.backward()
     for a, b, t in zip(initial.parameters(), model.parameters(), teacher.model.parameters()):
         torch.testing.assert_close(b, a - 0.1 * a.grad, rtol=1e-5, atol=1e-7)
@@ -1320,6 +1327,86 @@ def test_problems_longer_than_the_context_are_skipped_not_the_run(tmp_path, caps
     assert skipped == 0 and plan == list(itertools.islice(opsd.batches(range(50), 4, cfg.seed), 3))
     r = run_cli(*args, "--max-new-tokens", "1000", "--output-dir", str(tmp_path / "none"), env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(r, "fit", "context")                                 # none fits: refused
+
+
+# --- sampled evaluation, the grader (issue 16) ------------------------------------------------------
+
+def test_sampled_evaluation_counts_avg_pass_and_distinct_answers_from_one_generate_per_chunk(tiny, monkeypatch):
+    """K answers per problem, K copies of each prompt in one generate: a fake rollout returns written
+    answers, and the sums are those of the definitions (avg = right / K, pass = any right, distinct
+    normalised answers with "no answer" as one)."""
+    model, tok = tiny
+    K, answers = 3, {"4": ["The answer is 4.", "4", "so 5"], "7": ["none", "\\boxed{7}", "no idea"]}
+    problems = [{"problem": f"p{g}", "answer": g, "student_ids": [int(g)] * 3} for g in answers]
+    calls = []
+
+    def fake_rollout(m, prompts, max_new_tokens, temperature, bucket=1, gen=None):
+        calls.append((len(prompts), temperature))
+        texts = [answers[str(p[0])][i % K] for i, p in enumerate(prompts)]   # copy i of each problem: answer i
+        ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        comp = opsd.right_pad(ids, tok.pad_token_id)
+        return comp, comp != tok.pad_token_id
+    monkeypatch.setattr(opsd, "rollout", fake_rollout)
+    cfg = opsd.Config(eval_samples=K, batch_size=3, temperature=0.7)  # 2 x 3 rows per call: both problems at once
+    got = opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, cfg)
+    assert calls == [(2 * K, 0.7)]                                                # one generate, K copies each
+    assert got["avg"] == pytest.approx(2 / 3 + 1 / 3) and got["pass"] == 2
+    assert got["distinct"] == 2 + 2                                             # {4, 5} and {None, 7}
+    calls.clear()
+    opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, opsd.Config(eval_samples=K, batch_size=1))
+    assert calls == [(K, 1.0), (K, 1.0)]                                         # one problem per call
+
+
+def test_eval_samples_add_avg_pass_distinct_seeded_and_leave_training_and_greedy_alone(tmp_path):
+    base = ["--preset", "smoke", "--max-steps", "2", "--eval-every", "1"]
+    opsd.main([*base, "--output-dir", str(tmp_path / "greedy")])
+    for name in ("k4", "k4-again"):
+        opsd.main([*base, "--eval-samples", "4", "--output-dir", str(tmp_path / name)])
+    strip = lambda lines: [{k: v for k, v in l.items() if k not in TIMING} for l in lines]  # noqa: E731
+    (g_train, g_eval), (k_train, k_eval), (_, again) = (opsd.read_metrics(tmp_path / n) for n in ("greedy", "k4", "k4-again"))
+    assert strip(g_train) == strip(k_train)                                      # training's RNG untouched
+    assert all(set(l) == {"split", "step", "student_acc", "teacher_acc", "n"} for l in g_eval)  # greedy: as before
+    assert k_eval == again                                                       # seeded: a rerun is identical
+    for l, g in zip(k_eval, g_eval):
+        assert l["k"] == 4 and l["student_acc"] == g["student_acc"] and l["teacher_acc"] == g["teacher_acc"]
+        for role in ("student", "teacher"):
+            assert 0 <= l[f"{role}_avg_at_k"] <= l[f"{role}_pass_at_k"] <= 1
+            assert 1 <= l[f"{role}_distinct"] <= 4
+    assert any(l["student_distinct"] > 1 for l in k_eval)                         # sampled, not four greedy copies
+
+
+GRADED = [("so the total is \\boxed{1,234}", "1234"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{18.0} apples", "18"),
+          ("The answer is 72.", "72"), ("\\boxed{71}", "72"), ("first \\boxed{5} then \\boxed{6}", "6"),
+          ("first \\boxed{6} then \\boxed{5}", "6"), ("\\boxed{\\$5}", "5")]
+
+
+@pytest.mark.parametrize("text,gold", GRADED)
+def test_math_verify_grader_is_math_verify_on_the_last_box(text, gold):
+    math_verify = pytest.importorskip("math_verify")
+    right, answer = opsd.grade(text, gold, "math-verify")
+    box = opsd.last_boxed(text)
+    want = box is not None and math_verify.verify(math_verify.parse(gold), math_verify.parse(f"\\boxed{{{box}}}"))
+    assert right == bool(want)
+    assert answer == (None if box is None else opsd.normalize(box))
+    assert opsd.grade(text, gold) == (opsd.extract_answer(text) == gold, opsd.extract_answer(text))  # lenient
+
+
+def test_math_verify_grader_cases():
+    pytest.importorskip("math_verify")
+    verdicts = [opsd.grade(t, g, "math-verify")[0] for t, g in GRADED]
+    assert verdicts == [True, True, True, False, False, True, False, True]       # no box: wrong; the last box counts
+    assert opsd.grade("The answer is 72.", "72")[0]                                # lenient takes it
+
+
+def test_eval_samples_and_grader_bad_input_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    assert opsd.main(["--preset", "smoke", "--eval-samples", "-2", "--output-dir", str(tmp_path / "a")]) == 2
+    real = opsd.importlib.util.find_spec
+    monkeypatch.setattr(opsd.importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
+    assert opsd.main(["--preset", "smoke", "--grader", "math-verify", "--output-dir", str(tmp_path / "b")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 2 and "--eval-samples" in err[0] and "pip install math-verify" in err[1]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_eval_size_larger_than_held_out_is_clamped_and_said(tmp_path, capsys):
