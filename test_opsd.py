@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import opsd
 
@@ -22,6 +23,24 @@ HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent / "shared" / "data" / "gsm8k"
 LOSSES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 0.9),
           ("sampled_token", 0.5)]
+
+
+class LargestNewTensor(TorchDispatchMode):
+    """Inside `with LargestNewTensor() as probe:`, probe.numel is the largest block of new memory (in
+    elements) that any op makes; views and in-place results of the op's inputs do not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(a, torch.Tensor)}
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:  # new memory
+                self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
+        return out
 
 
 @pytest.fixture(scope="module")
@@ -159,27 +178,11 @@ def test_divergence_never_copies_the_logits_of_a_batch(tiny):
     """completion_logits returns a slice of (B, C + 1, V), not contiguous for B > 1: flattening it to
     (B * C, V) would copy both roles' logits for the whole step (the old "views, no copies" comment).
     The forward may hold one chunk of positions at a time, nothing of the batch's size."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.numel = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                    if isinstance(a, torch.Tensor)}
-            for o in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:  # new memory
-                    self.numel = max(self.numel, o.untyped_storage().nbytes() // o.element_size())
-            return out
-
     B, C, V, chunk = 3, 6, 37, 2
     full = torch.randn(B, C + 1, V, requires_grad=True)
     s_logits, t_logits = full[:, :-1], torch.randn(B, C + 1, V + 5)[:, :-1]    # as completion_logits returns
     mask = torch.ones(B, C, dtype=torch.bool)
-    with Largest() as largest:
+    with LargestNewTensor() as largest:
         loss, per_token = opsd.token_divergence(s_logits, t_logits, mask, clip="pointwise", chunk_size=chunk)
     assert largest.numel <= chunk * V                                           # one chunk, never (B * C, V)
     want = opsd.token_divergence(s_logits.detach().contiguous(), t_logits.contiguous(), mask, clip="pointwise")[1]
@@ -855,36 +858,26 @@ def torchrun(*args, n=2, script=HERE / "opsd.py", launcher=(), timeout=300):
 
 CHECK_REPLICAS = """
 import sys, torch, torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 import opsd
-
-class Largest(TorchDispatchMode):  # the largest block of new memory any op makes
-    numel = 0
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                if isinstance(a, torch.Tensor)}
-        for o in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in seen:  # new memory
-                Largest.numel = max(Largest.numel, o.untyped_storage().nbytes() // o.element_size())
-        return out
+from test_opsd import LargestNewTensor
 
 dist.init_process_group("gloo")
 model = opsd.load_model("tiny")[0]
 n_params = sum(p.numel() for p in model.parameters())
-verdicts = []
+verdicts, largest = [], 0
 for perturb in (False, True):
     if perturb and dist.get_rank() == 1:  # one ulp in the last element of the last weight, on rank 1 only
         with torch.no_grad():
             w = list(model.parameters())[-1].view(-1)
             w[-1] = torch.nextafter(w[-1], torch.tensor(1e9))
     try:
-        with Largest():
+        with LargestNewTensor() as probe:
             opsd.check_replicas(model, torch.device("cpu"), chunk=256)
         verdicts.append("same")
     except (opsd.OPSDError, opsd.Stopped):  # rank 0 says it, the others stop quietly
         verdicts.append("differ")
-sys.stdout.write(f"rank {dist.get_rank()}: {verdicts} largest {Largest.numel} of {n_params}\\n")
+    largest = max(largest, probe.numel)
+sys.stdout.write(f"rank {dist.get_rank()}: {verdicts} largest {largest} of {n_params}\\n")
 sys.stdout.flush()
 dist.destroy_process_group()
 """
