@@ -785,7 +785,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
     teacher with it (OPD: the separate teacher, on the student's prompt); teacher=None skips it. The
     difference is the 'privilege gap': what there is to distill. Returns the counts of correct
     answers and, for three problems, what each role wrote. With cfg.eval_samples = K > 0, also each
-    role's sums over the problems of `sampled` (avg, pass, distinct), from its own seeded generator."""
+    role's sums over the problems of `sampled` (avg_at_k, pass_at_k, distinct), from its own seeded generator."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
@@ -818,12 +818,12 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
 def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket: int = 1) -> dict[str, float]:
     """K = cfg.eval_samples answers per problem at the training temperature: K copies of each prompt in
     one generate, about 2 x batch-size rows per call. Sums over the problems of
-      avg       the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
-      pass      1 if any of the K is right (pass@K >= avg@K)
+      avg_at_k  the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
+      pass_at_k 1 if any of the K is right (pass@K >= avg@K)
       distinct  the number of distinct normalised final answers among the K ("no answer" is one)."""
     K, gen = cfg.eval_samples, m.generation_config
     per_call = max(1, 2 * cfg.batch_size // K)
-    sums = {"avg": 0.0, "pass": 0.0, "distinct": 0.0}
+    sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
     for i in range(0, len(eval_set), per_call):
         chunk = eval_set[i:i + per_call]
         with weights():
@@ -832,8 +832,8 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
         for j, p in enumerate(chunk):
             graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"], cfg.grader)
                       for r in range(j * K, (j + 1) * K)]                                # problem j's K answers
-            sums["avg"] += sum(ok for ok, _ in graded) / K
-            sums["pass"] += any(ok for ok, _ in graded)
+            sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
+            sums["pass_at_k"] += any(ok for ok, _ in graded)
             sums["distinct"] += len({answer for _, answer in graded})
     return sums
 
@@ -1789,15 +1789,10 @@ def run_eval(run: Run, step: int) -> None:
     with run.autocast:  # sampled answers: seeded by the run's seed, the step and the process
         res = evaluate(run.model, None if skip_teacher else run.teacher, run.tok, run.eval_set[run.rank * k:(run.rank + 1) * k],
                        cfg, run.bucket, seed=1_000_000 * cfg.seed + 1_000 * step + run.rank)
-    names = ["correct"] + (["avg", "pass", "distinct"] if cfg.eval_samples else [])
+    names = ["correct"] + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
     keys = [f"{role}_{name}" for role in ("student", "teacher") for name in names]
-    sums = dict(zip(keys, all_reduce([res.get(key) or 0 for key in keys], run.device)))
-    scores = {}
-    for role in ("student", "teacher"):
-        scores[f"{role}_acc"] = sums[f"{role}_correct"] / n
-        if cfg.eval_samples:
-            for name, label in (("avg", "avg_at_k"), ("pass", "pass_at_k"), ("distinct", "distinct")):
-                scores[f"{role}_{label}"] = sums[f"{role}_{name}"] / n
+    sums = all_reduce([res.get(key) or 0 for key in keys], run.device)
+    scores = {key.replace("_correct", "_acc"): total / n for key, total in zip(keys, sums)}  # means over the n problems
     if not skip_teacher:
         run.teacher_eval = {key: v for key, v in scores.items() if key.startswith("teacher_")}
     run.last_eval = {"split": "eval", "step": step, **scores, **run.teacher_eval, "n": n,

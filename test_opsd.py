@@ -1343,7 +1343,7 @@ def test_sampled_evaluation_counts_avg_pass_and_distinct_answers_from_one_genera
     cfg = opsd.Config(eval_samples=K, batch_size=3, temperature=0.7)  # 2 x 3 rows per call: both problems at once
     got = opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, cfg)
     assert calls == [(2 * K, 0.7)]                                                # one generate, K copies each
-    assert got["avg"] == pytest.approx(2 / 3 + 1 / 3) and got["pass"] == 2
+    assert got["avg_at_k"] == pytest.approx(2 / 3 + 1 / 3) and got["pass_at_k"] == 2
     assert got["distinct"] == 2 + 2                                             # {4, 5} and {None, 7}
     calls.clear()
     opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, opsd.Config(eval_samples=K, batch_size=1))
