@@ -19,7 +19,7 @@ sources, precision, torchrun, measuring, checkpoints and resume, and the run dri
 Deliberate deviations from the authors' final recipe (forward KL, point-wise clip at tau 0.05 in
 thinking-mode runs and about 1e-6 in non-thinking ones, fixed teacher, lr 5e-6 with AdamW and no
 weight decay, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with top-p 0.95 /
-top-k 20, LoRA r64). The README gives the measured evidence (the laptop instruction table, the clip runs):
+top-k 20, LoRA r64, bf16 logits). The README gives the measured evidence (the laptop instruction table, the clip runs):
  1. Full fine-tuning by default, LoRA (r 64, alpha 128: the authors') with --lora-rank: fewer moving
     parts to read; the fixed teacher is then a frozen copy instead of the adapter switched off.
  2. Temperature 1.0, no top-k/top-p: the rollout comes from exactly the distribution the loss scores
@@ -29,12 +29,17 @@ top-k 20, LoRA r64). The README gives the measured evidence (the laptop instruct
     token mean of the effective batch), where the authors average the micro-batches' means.
  5. The instruct model (Qwen2.5-0.5B-Instruct) where the paper used Qwen3: a base 0.5B model follows
     neither the chat template nor the answer format, so its teacher cannot use the reference.
- 6. The laptop preset (SmolLM2-135M, single digits): lr 2e-5, 32 new tokens, no clip, an instruction
-    that asks for the equation (PRESETS; README: the instructions with which OPSD made it worse).
+ 6. The laptop preset (SmolLM2-135M, single digits): lr 2e-5, 32 new tokens, an instruction that asks
+    for the equation (PRESETS; README: the instructions with which OPSD made it worse).
  7. "divergence" in the logs is always the unclipped full-vocabulary forward KL(p_T || p_S), whatever
     --loss optimises, so that runs with different losses share one axis.
  8. The EMA teacher stays fp32 on CUDA (bf16 would round its small updates away); the frozen
     teachers (the fixed copy, an OPD model) are bf16 there.
+ 9. Every dropout is off (set to 0 at load): the student scores in train mode, the teacher in eval (pitfall 12).
+10. No clip by default (--clip none): the loss is the equation's divergence. The authors' point-wise clip
+    is --clip pointwise; on the laptop run it slowed learning (README: the clip runs).
+11. The LM head runs in fp32 inside the loss, a chunk of positions at a time, where the authors' trainer
+    computes bf16 logits under autocast (pitfall 11).
 
 Non-determinism: sampling is seeded once (--seed); CUDA kernels (and the order of float sums on
 different thread counts) are not bit-reproducible, so two GPU runs can differ in the last digits.
@@ -105,9 +110,10 @@ class Config:
     # loss
     loss: str = arg("forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
-    clip: str = arg("pointwise", "clip each vocabulary term (pointwise) or each token's sum (token) at --clip-tau",
+    clip: str = arg("none", "clip each vocabulary term (pointwise: the authors') or each token's sum (token) at "
+                            "--clip-tau; none: the plain divergence of the equation (README: the laptop clip runs)",
                     ["none", "pointwise", "token"])
-    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 with thinking mode, ~1e-6 without; README: why 0.05)")
+    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in non-thinking ones)")
     top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
     # teacher
     privileged: str = arg("solution", "the teacher reads the reference solution, its answer only, or another problem's "
@@ -192,7 +198,20 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
                                                pad_token_id=tok.pad_token_id)
+    no_dropout(model)
     return model, tok
+
+
+def no_dropout(model) -> None:
+    """Every dropout probability to 0 (deviation 9): the config's fields (attention_dropout, hidden_dropout,
+    resid_pdrop, ...), the modules' copies of them, and each nn.Dropout. The student scores in train mode
+    and the teacher in eval mode, so dropout would make a divergence where none exists (pitfall 12)."""
+    for obj in [model.config, *model.modules()]:
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(obj, name, 0.0)
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
 
 
 def check_vocab(tok, vocab_of, name: str) -> None:
@@ -420,19 +439,38 @@ def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
 # 6. Teacher scoring
 # -----------------------------------------------------------------------------------------------
 # The teacher reads [teacher prompt | the student's completion] and, in one forward pass, scores
-# every completion token. The same function gives the student's logits (with gradients).
+# every completion token. The same function gives the student's scores (with gradients). A pass
+# stops before the LM head: it returns the final hidden states h, and section 7 applies the head
+# W (logits = h W^T) in fp32, a chunk of positions at a time (pitfalls 6 and 11).
 
-def completion_logits(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
-    """(B, C, V) logits: row n is the distribution over completion token n given the prompt and
-    completion tokens 0..n-1. Only C positions go through the LM head (logits_to_keep)."""
+def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
+    """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
+    completion token n given the prompt and completion tokens 0..n-1. Only C + 1 positions are kept
+    (logits_to_keep), and no logits are made: the head is swapped for an identity during the pass, so
+    the model returns h where it would return h W^T (under DDP too: the pass goes through the wrapper)."""
     C = completion.shape[1]
     input_ids = torch.cat([prompt_ids, completion], dim=1)                      # (B, P + C)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)     # (B, P + C)
     position_ids = (attn.cumsum(1) - 1).clamp(min=0)                            # pads left of the prompt: 0
-    out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, unwrap(model)), position_ids=position_ids,
-                use_cache=False, logits_to_keep=C + 1)                          # positions P-1 .. P+C-1
-    # The logit at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
-    return out.logits[:, :-1, :]                                                # (B, C, V)
+    inner = unwrap(model)
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(torch.nn.Identity())
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, inner), position_ids=position_ids,
+                    use_cache=False, logits_to_keep=C + 1)                      # positions P-1 .. P+C-1
+    finally:
+        inner.set_output_embeddings(head)
+    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
+    return out.logits[:, :-1, :]                                                # (B, C, H)
+
+
+def lm_head(model) -> torch.Tensor:
+    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B and
+    SmolLM2 (their gradient then comes from both ends); not adapted under LoRA."""
+    head = unwrap(model).get_output_embeddings()
+    if getattr(head, "bias", None) is not None or getattr(unwrap(model).config, "final_logit_softcapping", None):
+        raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head); opsd.py needs them to be")
+    return head.weight
 
 
 def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
@@ -504,13 +542,19 @@ class Teacher:
                 torch.clear_autocast_cache()
 
     @torch.no_grad()
-    def logits(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
-        """(B, C, V') the teacher's logits on the student's completion tokens, read after the teacher's
-        prompt (problem + reference; OPD: the student's prompt). No gradient ever reaches the teacher."""
+    def hidden(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
+        """(B, C, H') the teacher's final hidden states on the student's completion tokens, read after the
+        teacher's prompt (problem + reference; OPD: the student's prompt). With `head`, its (B, C, V')
+        scores; no gradient ever reaches the teacher."""
         ids, mask = left_pad([p[self.prompt] for p in problems], self.pad_id, completion.device)   # (B, P')
         with self.weights():
             self.model.eval()
-            return completion_logits(self.model, ids, mask, completion, comp_mask)             # (B, C, V')
+            return completion_hidden(self.model, ids, mask, completion, comp_mask)             # (B, C, H')
+
+    @property
+    def head(self) -> torch.Tensor:
+        """(V', H') the teacher's LM head (LoRA adapts none: the adapter-off and EMA teachers share the student's)."""
+        return lm_head(self.model)
 
     @torch.no_grad()
     def update(self, student) -> None:
@@ -549,22 +593,23 @@ def token_scores(student, teacher: Teacher, tok, record: dict, cfg: Config, seed
     torch.manual_seed(seed)
     comp, c_mask = rollout(student, [record["student_ids"]], cfg.max_new_tokens, cfg.temperature)    # (1, C)
     s_ids, s_mask = left_pad([record["student_ids"]], tok.pad_token_id, student.device)
-    s_logits = completion_logits(student, s_ids, s_mask, comp, c_mask).float()                        # (1, C, V)
-    t_logits = teacher.logits([record], comp, c_mask).float()[..., :s_logits.shape[-1]]
-    log_p = lambda z: z.log_softmax(-1).gather(-1, comp[..., None])[..., 0]  # noqa: E731  log p(y_n), (1, C)
-    _, kl = token_divergence(s_logits, t_logits, c_mask)
+    s_h, t_h = completion_hidden(student, s_ids, s_mask, comp, c_mask), teacher.hidden([record], comp, c_mask)
+    heads = lm_head(student), teacher.head                                      # (V, H), (V', H')
+    V = min(len(W) for W in heads)                                              # the shared vocabulary
+    log_p = lambda h, W: head_logits(h[0], W[:V]).log_softmax(-1).gather(-1, comp[0, :, None])[:, 0]  # noqa: E731
+    _, kl = token_divergence(s_h, t_h, c_mask, heads=heads)                     # log p(y_n) above: (C,)
     n = int(c_mask.sum())
     tokens = [t.replace("Ġ", "_").replace("Ċ", "\\n") for t in tok.convert_ids_to_tokens(comp[0, :n].tolist())]
-    return {"tokens": tokens,
-            "log_ratio": (log_p(t_logits) - log_p(s_logits))[0, :n].tolist(), "per_token": kl[0, :n].tolist()}
+    return {"tokens": tokens, "log_ratio": (log_p(t_h, heads[1]) - log_p(s_h, heads[0]))[:n].tolist(),
+            "per_token": kl[0, :n].tolist()}
 
 
 # -----------------------------------------------------------------------------------------------
 # 7. Token-level divergence
 # -----------------------------------------------------------------------------------------------
 
-def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", beta=0.5, clip="none",
-                     clip_tau=0.05, top_k=None, temperature=1.0, sampled_tokens=None, chunk_size=None):
+def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="none", clip_tau=0.05, top_k=None,
+                     temperature=1.0, sampled_tokens=None, heads=None, chunk_size=None):
     """Per-token divergence between teacher and student over the completion. At position n, over the
     vocabulary v, with p_T = softmax(teacher / T) and p_S = softmax(student / T):
 
@@ -575,40 +620,75 @@ def token_divergence(student_logits, teacher_logits, mask, loss="forward_kl", be
         clip           pointwise: each term min(term_v, tau) before the sum; token: min(sum, tau)
         top_k          both distributions renormalised on the teacher's k likeliest tokens
 
-    student_logits (B, C, V) with gradients, teacher_logits (B, C, V') (V' may differ: both are cut
-    to the shared first min(V, V') entries), mask (B, C) bool. Returns (loss, per_token): loss is
-    the mean of per_token over the True entries of mask; per_token is (B, C) fp32, 0 where masked.
-    Gradients reach student_logits only. The vocabulary reduction runs over chunks of `chunk_size`
-    positions, each recomputed in the backward pass, so no fp32 (B, C, V) copy ever exists beyond
-    one chunk (pitfall 6). sampled_token ignores clip and top_k: it has no vocabulary terms."""
+    student (B, C, V) logits with gradients and teacher (B, C, V') logits; or, with heads = (W_S, W_T),
+    the two roles' final hidden states (B, C, H) and (B, C, H') and their LM heads (V, H), (V', H'),
+    applied here in fp32 a chunk at a time (`head_logits`). V' may differ from V: both are cut to the
+    shared first min(V, V') entries. mask (B, C) bool. Returns (loss, per_token): loss is the mean of
+    per_token over the True entries of mask; per_token is (B, C) fp32, 0 where masked. Gradients reach
+    the student's side only (its hidden states and head), never the teacher's, even when the two share
+    a head (--teacher current). sampled_token ignores clip and top_k: it has no vocabulary terms."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
     if loss == "sampled_token" and sampled_tokens is None:
         raise ValueError("loss='sampled_token' needs sampled_tokens (B, C)")
     B, C = mask.shape
-    V = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    s = student_logits[..., :V]                                     # (B, C, V): a view, no copy
-    t = teacher_logits[..., :V].detach()                            # the teacher never gets a gradient
+    if heads is None:                                               # logits: a view of the shared vocabulary
+        V = min(student.shape[-1], teacher.shape[-1])
+        s, t, W_s, W_t = student[..., :V], teacher[..., :V].detach(), None, None
+    else:                                                           # hidden states: the heads' shared rows
+        V = min(len(W) for W in heads)
+        s, t, W_s, W_t = student, teacher.detach(), heads[0][:V], heads[1][:V].detach()
     y = sampled_tokens if sampled_tokens is not None else torch.zeros(B, C, dtype=torch.long, device=s.device)
-    chunk = chunk_size or max(1, 2 ** 26 // V)                      # ~256 MB of fp32 per intermediate
-    opts = (loss, beta, clip, clip_tau, top_k, temperature)
+    per_token = over_positions(_divergence_chunk, (s, t, y, mask), (W_s, W_t, loss, beta, clip, clip_tau, top_k,
+                                                                     temperature), chunk_size or chunk_for(s, W_s))
+    return per_token.sum() / mask.sum().clamp(min=1), per_token             # per_token (B, C), 0 where masked
+
+
+# Pitfall 11. Under bf16 autocast the LM head's output is bf16: a logit near 20 is rounded to a multiple of
+# 0.125, the same order as the per-token KL near convergence. Emulated at V = 8,192 with both roles'
+# logits rounded to bf16, the gradient's relative error was 6% / 15% / 68% at a KL of 0.30 / 0.03 / 0.003
+# nats per token. So the head is applied here, in fp32 with autocast off, to one chunk of positions at a
+# time, and again in the backward pass (Liger-Kernel's fused linear JSD made the same fix): fp32 logits
+# exist for one chunk only, bf16 logits never.
+CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
+
+
+def head_logits(h, W=None) -> torch.Tensor:
+    """(n, H) hidden states and an LM head W (V, H) -> (n, V) fp32 logits h W^T, computed in fp32 with
+    autocast off (a half-precision W is cast for the product). W None: h are logits already."""
+    if W is None:
+        return h.float()
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), W.float())
+
+
+def chunk_for(x, W=None) -> int:
+    """Positions per chunk for (.., V) logits x, or hidden states x and a head W (V, H)."""
+    return max(1, CHUNK // (len(W) if W is not None else x.shape[-1]))
+
+
+def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
+    """(B, C) fp32: fn(*(x[b, i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk`
+    positions of one rollout at a time (x[b, i:j] is a view; flattening (B, C) would copy). When a
+    gradient is needed, each chunk is recomputed in the backward pass, so that its (n, V) intermediates
+    never outlive it (pitfall 6)."""
+    B, C = per_position[0].shape[:2]
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in per_position + rest)
     rows = []
-    for b in range(B):  # chunks within one rollout: s[b, i:j] is a view (flattening (B, C) would copy the logits)
+    for b in range(B):
         pieces = []
         for i in range(0, C, chunk):
-            args = (s[b, i:i + chunk], t[b, i:i + chunk], y[b, i:i + chunk], mask[b, i:i + chunk])
-            if torch.is_grad_enabled() and s.requires_grad:         # recompute this chunk in backward
-                pieces.append(torch.utils.checkpoint.checkpoint(_divergence_chunk, *args, *opts, use_reentrant=False))
-            else:
-                pieces.append(_divergence_chunk(*args, *opts))
+            args = [x[b, i:i + chunk] for x in per_position] + list(rest)
+            pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
         rows.append(torch.cat(pieces))                              # (C,)
-    per_token = torch.stack(rows)                                   # (B, C), 0 where masked
-    return per_token.sum() / mask.sum().clamp(min=1), per_token
+    return torch.stack(rows)                                        # (B, C)
 
 
-def _divergence_chunk(s, t, y, m, loss, beta, clip, clip_tau, top_k, temperature):
-    """One chunk of positions: s, t (n, V) logits, y (n,) sampled tokens, m (n,) mask -> (n,) fp32."""
-    s, t = s.float() / temperature, t.float() / temperature        # sample and score at one temperature
+def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature):
+    """One chunk of positions: s, t (n, V) logits, or (n, H) hidden states with heads W_s, W_t; y (n,)
+    sampled tokens, m (n,) mask -> (n,) fp32."""
+    s, t = head_logits(s, W_s) / temperature, head_logits(t, W_t) / temperature   # (n, V) fp32, one temperature
     if loss == "sampled_token":
         log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
         log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
@@ -665,24 +745,26 @@ def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=20
 
 
 @torch.no_grad()
-def token_entropy(logits, mask, temperature=1.0, chunk_size=None) -> torch.Tensor:
+def token_entropy(x, mask, temperature=1.0, head=None) -> torch.Tensor:
     """(B, C) fp32: H(p) = -sum_v p(v) log p(v) at each completion token, p = softmax(logits / T), 0 where
-    masked. A monitor, never a loss: chunks of one rollout's positions, as in token_divergence."""
-    B, C, V = logits.shape
-    chunk, out = chunk_size or max(1, 2 ** 26 // V), torch.zeros(B, C, device=logits.device)
-    for b in range(B):
-        for i in range(0, C, chunk):
-            log_p = (logits[b, i:i + chunk].float() / temperature).log_softmax(-1)    # (n, V)
-            out[b, i:i + chunk] = -(log_p.exp() * log_p).sum(-1)
-    return torch.where(mask, out, 0.0)
+    masked; x are (B, C, V) logits, or (B, C, H) hidden states with their LM head. A monitor, never a loss."""
+    return over_positions(_entropy_chunk, (x, mask), (head, temperature), chunk_for(x, head))
 
 
-def cross_entropy(student_logits, targets, mask):
-    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*.
-    Same return convention as token_divergence. (Not chunked: the baseline, not the method.)"""
-    per_token = F.cross_entropy(student_logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    per_token = torch.where(mask, per_token.view(mask.shape), 0.0)             # (B, C)
+def _entropy_chunk(x, m, W, temperature):
+    log_p = (head_logits(x, W) / temperature).log_softmax(-1)                     # (n, V)
+    return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
+
+
+def cross_entropy(student, targets, mask, head=None):
+    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*, from
+    (B, C, V) logits or (B, C, H) hidden states and the head. Same return convention as token_divergence."""
+    per_token = over_positions(_nll_chunk, (student, targets, mask), (head,), chunk_for(student, head))  # (B, C)
     return per_token.sum() / mask.sum().clamp(min=1), per_token
+
+
+def _nll_chunk(x, y, m, W):
+    return torch.where(m, F.cross_entropy(head_logits(x, W), y, reduction="none"), 0.0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -713,24 +795,25 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     for i, r in enumerate(rollouts):
         problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
         with timer("teacher"), autocast:  # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
-            t_logits = None if sft else teacher.logits(problems, comp, c_mask)                      # (B, C, V')
+            t_h = None if sft else teacher.hidden(problems, comp, c_mask)                          # (B, C, H')
         with timer("student"), no_sync(student, last=i == len(rollouts) - 1):  # DDP: one all-reduce, at the end
             student.train()
             s_ids, s_mask = left_pad([p["student_ids"] for p in problems], gen.pad_token_id, model.device)
+            heads = (lm_head(model), None if sft else teacher.head)             # logits = h W^T, in section 7
             with autocast:
-                s_logits = completion_logits(student, s_ids, s_mask, comp, c_mask)                  # (B, C, V)
+                s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)                      # (B, C, H)
                 # L = E_x E_{ŷ ~ p_S} mean_n D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)): per_token[b, n] is D
                 # at token n of rollout b (SFT: -log p_S(y*_n), the reference's own tokens)
-                per_token = cross_entropy(s_logits, comp, c_mask)[1] if sft else token_divergence(
-                    s_logits, t_logits, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip, clip_tau=cfg.clip_tau,
-                    top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=comp)[1]
+                per_token = cross_entropy(s_h, comp, c_mask, heads[0])[1] if sft else token_divergence(
+                    s_h, t_h, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip, clip_tau=cfg.clip_tau,
+                    top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=comp, heads=heads)[1]
             # the mean over the step's N tokens, of which this micro-batch holds n_i (deviation 4);
             # x W processes, because DDP averages their gradients
             (per_token.sum() * world_size() / N).backward()
-            for k, v in monitors(cfg, s_logits, t_logits, c_mask, per_token).items():
+            for k, v in monitors(cfg, s_h, t_h, c_mask, per_token, heads).items():
                 sums[k] += v
         r["per_token"] = per_token.detach()
-        del s_logits, t_logits, per_token
+        del s_h, t_h, per_token
     eos = torch.tensor(gen.eos_token_id, device=model.device)
     lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()                            # tokens per rollout
     cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()               # no EOS: truncated
@@ -748,22 +831,23 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
 
 
 @torch.no_grad()
-def monitors(cfg: Config, s_logits, t_logits, mask, per_token) -> dict[str, float]:
-    """Sums over one micro-batch of what the logs show beside the loss, from the logits the step already
-    has: the loss itself, `divergence` (always the unclipped full-vocabulary forward KL: deviation 7),
-    `clipped` (tokens whose clip was active), and each role's token entropy H(p) = -sum_v p(v) log p(v):
-    a divergence that falls while H(p_S) collapses is a student that stopped exploring, not one that learned."""
-    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0,
-           "entropy_student": token_entropy(s_logits, mask, cfg.temperature).sum().item(), "entropy_teacher": math.nan}
-    if t_logits is None:  # SFT: there is no teacher
+def monitors(cfg: Config, s_h, t_h, mask, per_token, heads) -> dict[str, float]:
+    """Sums over one micro-batch of what the logs show beside the loss, from the hidden states the step
+    already has (heads: the roles' LM heads): the loss itself, `divergence` (always the unclipped
+    full-vocabulary forward KL: deviation 7), `clipped` (tokens whose clip was active), and each role's
+    token entropy H(p) = -sum_v p(v) log p(v): a divergence that falls while H(p_S) collapses is a
+    student that stopped exploring, not one that learned."""
+    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0, "entropy_teacher": math.nan,
+           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item()}
+    if t_h is None:  # SFT: there is no teacher
         return out
-    out["entropy_teacher"] = token_entropy(t_logits, mask, cfg.temperature).sum().item()
+    out["entropy_teacher"] = token_entropy(t_h, mask, cfg.temperature, heads[1]).sum().item()
     plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
-    kl = per_token if plain_kl else token_divergence(s_logits, t_logits, mask, temperature=cfg.temperature)[1]
+    kl = per_token if plain_kl else token_divergence(s_h, t_h, mask, temperature=cfg.temperature, heads=heads)[1]
     out["divergence"] = kl.sum().item()
     if cfg.clip != "none" and cfg.loss != "sampled_token":
-        _, raw = token_divergence(s_logits, t_logits, mask, loss=cfg.loss, beta=cfg.beta, top_k=cfg.top_k_loss,
-                                  temperature=cfg.temperature)
+        _, raw = token_divergence(s_h, t_h, mask, loss=cfg.loss, beta=cfg.beta, top_k=cfg.top_k_loss,
+                                  temperature=cfg.temperature, heads=heads)
         out["clipped"] = ((per_token < raw) & mask).sum().item()
     return out
 
@@ -924,10 +1008,10 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
 # --- Command line and presets ----------------------------------------------------------------------
 
 # Offline, 2 CPU cores, <= 20 minutes: SmolLM2-135M-Instruct on single-digit word problems. Why this
-# instruction, lr 2e-5, 32 tokens and no clip: deviation 6 and the README's instruction table.
+# instruction, lr 2e-5 and 32 tokens: deviation 6 and the README's instruction table.
 LAPTOP = dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
               instruction="Write the equation and its result.", max_new_tokens=32, batch_size=8, grad_accum=1,
-              lr=2e-5, clip="none", max_steps=40, eval_every=10, eval_size=100, device="cpu")
+              lr=2e-5, max_steps=40, eval_every=10, eval_size=100, device="cpu")
 PRESETS = {
     "laptop": LAPTOP,
     # The laptop run as the authors train: a rank-16 LoRA adapter, the fixed teacher the adapter
@@ -1322,8 +1406,7 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     c = model.config
     act = half.itemsize                                           # activations: 2 bytes under bf16 autocast
-    B, C, V = cfg.batch_size, cfg.max_new_tokens, c.vocab_size
-    V_t = teacher.model.config.vocab_size if teacher.own else V
+    B, C, V, heads = cfg.batch_size, cfg.max_new_tokens, c.vocab_size, (lm_head(model), teacher.head)
     P = max(len(r["student_ids"]) for r in records)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return {
@@ -1334,11 +1417,12 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
         "teacher weights": nbytes(teacher.model.parameters() if teacher.own else teacher.ema_adapter or []),
         # keys and values, every layer, B rollouts of prompt + completion
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
-        # (B, C + 1, V) rows from the teacher pass and from the student pass
-        "logits of one micro-batch (teacher + student)": B * (C + 1) * (V + V_t) * act,
-        # _divergence_chunk: two float copies, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32,
-        # n <= C positions of one rollout (the logits above are sliced, never copied)
-        "one chunk of the divergence (7 fp32 tensors)": 7 * min(C, max(1, 2 ** 26 // V)) * V * 4,
+        # (B, C + 1, H) rows from the teacher pass and from the student pass, fp32 at most; no logits
+        "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
+        # _divergence_chunk: two heads' outputs, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32,
+        # n <= C positions of one rollout; and the fp32 copy of a head kept in half precision
+        "one chunk of the divergence (7 fp32 tensors)": 7 * min(C, max(1, CHUNK // V)) * V * 4 + sum(
+            W.numel() * 4 for W in heads if W.dtype != torch.float32),
     }
 
 

@@ -43,6 +43,11 @@ class LargestNewTensor(TorchDispatchMode):
         return out
 
 
+def completion_logits(model, *batch):
+    """(B, C, V) fp32 logits, to compare against: opsd.py itself never makes them whole (pitfall 11)."""
+    return opsd.head_logits(opsd.completion_hidden(model, *batch), opsd.lm_head(model))
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return opsd.load_model("tiny")
@@ -269,7 +274,7 @@ def test_completion_logits_row_n_scores_completion_token_n(tiny):
     c_mask = torch.ones_like(comps, dtype=torch.bool)
     ids, mask = opsd.left_pad(prompts, pad_id=0)
     with torch.no_grad():
-        got = opsd.completion_logits(model, ids, mask, comps, c_mask)  # (B, C, V)
+        got = completion_logits(model, ids, mask, comps, c_mask)  # (B, C, V)
         for b, prompt in enumerate(prompts):
             alone = torch.tensor([prompt + comps[b].tolist()])
             full = model(input_ids=alone).logits[0]  # (P + C, V), no padding at all
@@ -301,10 +306,10 @@ def test_attention_mask_has_no_fully_masked_row_and_eager_agrees(tiny):
                 assert torch.equal(m[b, 0, q], causal[q] & real[b])
     model.eval()
     with torch.no_grad():
-        sdpa = opsd.completion_logits(model, ids, mask, comp, c_mask)
+        sdpa = completion_logits(model, ids, mask, comp, c_mask)
         model.set_attn_implementation("eager")
         try:
-            eager = opsd.completion_logits(model, ids, mask, comp, c_mask)
+            eager = completion_logits(model, ids, mask, comp, c_mask)
         finally:
             model.set_attn_implementation("sdpa")
     torch.testing.assert_close(eager[c_mask], sdpa[c_mask], rtol=1e-4, atol=1e-5)
@@ -323,7 +328,7 @@ def test_position_ids_follow_the_attention_mask(tiny):
         comp = torch.tensor([[9, 2, 0], [9, 9, 2]])
         c_mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
         with torch.no_grad():
-            opsd.completion_logits(model, ids, mask, comp, c_mask)
+            completion_logits(model, ids, mask, comp, c_mask)
     finally:
         handle.remove()
     assert seen["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
@@ -570,8 +575,8 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
         s_ids, s_mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
         t_ids, t_mask = opsd.left_pad([p["teacher_ids"] for p in r["problems"]], tok.pad_token_id)
         with torch.no_grad():
-            t_logits = opsd.completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"])
-        s_logits = opsd.completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"])
+            t_logits = completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"])
+        s_logits = completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"])
         per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"])[1]
         torch.testing.assert_close(r["per_token"], per_token.detach())
         total, n = total + per_token.sum(), n + int(r["c_mask"].sum())
@@ -612,9 +617,110 @@ def test_sft_trains_on_the_reference_and_opd_reads_the_students_prompt(tiny):
     assert opd.kind == "opd" and opd.own and opd.frozen and opd.prompt == "student_ids"
     assert opsd.Teacher(opsd.Config(), model, tok).prompt == "teacher_ids"
     comp, c_mask = torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.bool)
-    want = opsd.completion_logits(opd.model, *opsd.left_pad([p["student_ids"] for p in problems[:2]], tok.pad_token_id),
+    want = opsd.completion_hidden(opd.model, *opsd.left_pad([p["student_ids"] for p in problems[:2]], tok.pad_token_id),
                                   comp, c_mask)
-    torch.testing.assert_close(opd.logits(problems[:2], comp, c_mask), want)
+    torch.testing.assert_close(opd.hidden(problems[:2], comp, c_mask), want)
+
+
+# --- issue 20: what the GPU command computes (fp32 logits a chunk at a time, no dropout, no clip) ----
+
+def fixed_rollouts(cfg, model, problems, monkeypatch):
+    """Samples the micro-batches' rollouts once, outside any probe, and makes opsd_step reuse them."""
+    made = {}
+    for i in range(0, len(problems), 2):
+        ids = tuple(tuple(p["student_ids"]) for p in problems[i:i + 2])
+        made[ids] = opsd.rollout(model, [list(x) for x in ids], cfg.max_new_tokens, cfg.temperature)
+    monkeypatch.setattr(opsd, "rollout", lambda m, prompts, *a, **k: made[tuple(tuple(x) for x in prompts)])
+
+
+class VocabularyTensors(TorchDispatchMode):
+    """Every new tensor whose last dimension is the vocabulary V: (dtype, shape)."""
+
+    def __init__(self, V):
+        super().__init__()
+        self.V, self.seen = V, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.dim() and o.shape[-1] == self.V:
+                self.seen.append((o.dtype, tuple(o.shape)))
+        return out
+
+
+def test_under_bf16_autocast_no_vocabulary_tensor_is_bf16_and_the_loss_is_the_float64_one(monkeypatch):
+    """Pitfall 11. CPU bf16 autocast runs the model's body in bf16, as on CUDA. The scoring passes
+    must make no bf16 tensor over the vocabulary, and each token's loss must be the float64 forward
+    KL of the very hidden states the passes returned, through the same heads. The teacher is a second
+    random model (OPD), so that the divergence is large, and both final norms are scaled so that the
+    logits spread over about +-10, as a trained model's do: bf16 would round them by up to 0.03."""
+    cfg, model, tok, problems = step_setup(teacher_model="tiny")
+    teacher = opsd.Teacher(cfg, model, tok)
+    with torch.no_grad():
+        for m in (model, teacher.model):
+            m.model.norm.weight.mul_(10.0)
+    fixed_rollouts(cfg, model, problems, monkeypatch)
+    kept, real = [], opsd.completion_hidden
+    monkeypatch.setattr(opsd, "completion_hidden", lambda *a: kept.append(real(*a)) or kept[-1])
+    V = model.config.vocab_size
+    with VocabularyTensors(V) as probe:
+        _, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.0),
+                                     [problems[:2], problems[2:]], autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert probe.seen and {dtype for dtype, _ in probe.seen} == {torch.float32}
+    for r, (t_h, s_h) in zip(rollouts, zip(kept[0::2], kept[1::2])):   # per micro-batch: the teacher's pass first
+        log_pt = (t_h.detach().double() @ opsd.lm_head(teacher.model).double().T).log_softmax(-1)
+        log_ps = (s_h.detach().double() @ opsd.lm_head(model).double().T).log_softmax(-1)
+        want = (log_pt.exp() * (log_pt - log_ps)).sum(-1) * r["c_mask"]       # KL(p_T || p_S), float64
+        assert want.max() > 0.1                                               # a divergence worth measuring
+        torch.testing.assert_close(r["per_token"].double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_step_never_makes_a_tensor_of_every_position_over_the_vocabulary(monkeypatch):
+    """Pitfalls 6 and 11: with a chunk of 4 positions and rollouts of 16 tokens, no op in the step's
+    forward or backward (scoring, loss, monitors) makes a tensor over the vocabulary of more than one
+    chunk of positions; the (B, C, V) logits of either role never exist. (The head's gradient, (H, V)
+    before it is transposed into W's (V, H), is the size of the weight: it is not a tensor of positions.)"""
+    cfg, model, tok, problems = step_setup()
+    teacher = opsd.Teacher(cfg, model, tok)
+    fixed_rollouts(cfg, model, problems, monkeypatch)
+    V, chunk = model.config.vocab_size, 4
+    monkeypatch.setattr(opsd, "CHUNK", chunk * V)
+    with VocabularyTensors(V) as probe:
+        _, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.1), [problems[:2]])
+    B, C = rollouts[0]["comp"].shape
+    H = model.config.hidden_size
+    positions = [math.prod(shape[:-1]) for _, shape in probe.seen if shape != (H, V)]
+    assert C > chunk and positions and max(positions) == chunk < B * C
+
+
+def test_dropout_is_off_so_a_model_distilled_from_itself_has_zero_divergence(tmp_path):
+    """Pitfall 12: a hub model with attention_dropout 0.3, loaded through load_model, scored as the
+    student (train mode) and as the teacher (eval mode) on the same weights and the same prompt."""
+    tiny_model, tok = opsd.load_model("tiny")
+    tiny_model.config.attention_dropout = 0.3
+    tiny_model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok = opsd.load_model(str(tmp_path))
+    assert model.config.attention_dropout == 0.0
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    cfg = opsd.Config(**{**opsd.PRESETS["smoke"], "teacher": "current"})
+    problems = opsd.encode_problems(tok, opsd.make_arithmetic(4, seed=3), cfg, None)
+    problems = [{**p, "teacher_ids": p["student_ids"]} for p in problems]   # the student's own prompt
+    torch.manual_seed(0)
+    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=0.0),
+                                [problems])
+    assert metrics["divergence"] == 0.0 and metrics["loss"] == 0.0
+
+
+def test_the_default_objective_is_the_unclipped_divergence(capsys):
+    assert opsd.Config().clip == "none" and opsd.PRESETS["laptop"].get("clip", "none") == "none"
+    with pytest.raises(SystemExit):
+        opsd.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())
+    clip_help = text[text.index("--clip {"):text.index("--clip-tau CLIP_TAU")]
+    assert "(default: none)" in clip_help and "pointwise" in clip_help
+    tau_help = text[text.index("--clip-tau CLIP_TAU"):text.index("--top-k-loss")]
+    assert "0.05" in tau_help and "1e-6" in tau_help
 
 
 # --- LoRA: the teacher is the adapter switched off ----------------------------------------------
@@ -639,8 +745,8 @@ def nudge(model, rng_seed=0, lr=0.05, steps=3):
     opt, teacher = torch.optim.AdamW(opsd.trainable(model), lr=lr), opsd.Teacher(cfg, model)
     for _ in range(steps):
         with torch.no_grad(), teacher.weights():
-            t_logits = opsd.completion_logits(model, ids + 1, mask, comp, c_mask)  # another prompt: a real target
-        loss, _ = opsd.token_divergence(opsd.completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
+            t_logits = completion_logits(model, ids + 1, mask, comp, c_mask)  # another prompt: a real target
+        loss, _ = opsd.token_divergence(completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -663,10 +769,10 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
     cfg = opsd.Config(teacher="fixed", lora_rank=4)
     model.eval()
     with torch.no_grad():
-        want = opsd.completion_logits(initial.eval(), *batch)
+        want = completion_logits(initial.eval(), *batch)
         with opsd.Teacher(cfg, model).weights():
-            teacher = opsd.completion_logits(model, *batch)
-        student = opsd.completion_logits(model, *batch)
+            teacher = completion_logits(model, *batch)
+        student = completion_logits(model, *batch)
     torch.testing.assert_close(teacher, want, rtol=0, atol=1e-6)  # adapter off = the initial weights
     assert (student - want).abs().max() > 1e-3                      # while the student has moved
 
@@ -711,14 +817,14 @@ def test_lora_ema_teacher_is_its_own_model_inside_an_autocast_region_the_student
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     with torch.no_grad():
         with bf16(), teacher.weights():
-            want_teacher = opsd.completion_logits(model, *batch)   # a region of its own: no stale copies
+            want_teacher = completion_logits(model, *batch)   # a region of its own: no stale copies
         with bf16():
-            want_student = opsd.completion_logits(model, *batch)
+            want_student = completion_logits(model, *batch)
         with bf16():                                                # one region, student first
-            student = opsd.completion_logits(model, *batch)
+            student = completion_logits(model, *batch)
             with teacher.weights():
-                got_teacher = opsd.completion_logits(model, *batch)
-            student_after = opsd.completion_logits(model, *batch)
+                got_teacher = completion_logits(model, *batch)
+            student_after = completion_logits(model, *batch)
     assert (want_teacher - want_student).abs().max() > 1e-2         # the two roles differ
     assert torch.equal(student, want_student)
     assert torch.equal(got_teacher, want_teacher)
@@ -732,20 +838,20 @@ def test_lora_checkpoint_is_merged_reloads_with_transformers_and_leaves_the_mode
     batch = nudge(model)
     model.eval()
     with torch.no_grad():
-        before = opsd.completion_logits(model, *batch)
+        before = completion_logits(model, *batch)
     opsd.save_checkpoint(model, tok, tmp_path)
     with torch.no_grad():
-        after = opsd.completion_logits(model, *batch)
+        after = completion_logits(model, *batch)
     assert torch.equal(before, after)
     assert not any(getattr(m, "merged", False) for m in model.modules())  # the adapter is still separate
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(opsd.completion_logits(merged, *batch), before, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(completion_logits(merged, *batch), before, rtol=1e-4, atol=1e-5)
     fresh, _ = opsd.load_model("tiny")
     adapter = PeftModel.from_pretrained(fresh, tmp_path / "checkpoint" / "adapter").eval()
     with torch.no_grad():
-        torch.testing.assert_close(opsd.completion_logits(adapter, *batch), before, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(completion_logits(adapter, *batch), before, rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "checkpoint.tmp").exists()
 
 
@@ -844,7 +950,7 @@ def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
     current = opsd.Teacher(opsd.Config(teacher="current"), model)
     fp32 = opsd.memory_arithmetic(cfg, model, current, records, torch.float32)
     bf16 = opsd.memory_arithmetic(cfg, model, current, records, torch.bfloat16)
-    key = "logits of one micro-batch (teacher + student)"
+    key = "KV cache of one micro-batch's rollouts"
     assert fp32[key] == 2 * bf16[key] and fp32["student weights"] == bf16["student weights"]
 
 
