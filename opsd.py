@@ -19,11 +19,13 @@ sources, precision, torchrun, measuring, checkpoints and resume, and the run dri
 Deliberate deviations from the authors' final recipe (forward KL, point-wise clip at tau 0.05 in
 thinking-mode runs and about 1e-6 in non-thinking ones, fixed teacher, lr 5e-6 with AdamW and no
 weight decay, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with top-p 0.95 /
-top-k 20, LoRA r64, bf16 logits). The README gives the measured evidence (the laptop instruction table, the clip runs):
+top-k 20, LoRA r64, bf16 logits). The README gives the measured evidence (the laptop instruction table, --clip):
  1. Full fine-tuning by default, LoRA (r 64, alpha 128: the authors') with --lora-rank: fewer moving
     parts to read; the fixed teacher is then a frozen copy instead of the adapter switched off.
  2. Temperature 1.0, no top-k/top-p: the rollout comes from exactly the distribution the loss scores
-    (pitfall 7). --temperature divides both roles' logits in the loss too.
+    (pitfall 7). The authors sample at T 1.1, top-p 0.95, top-k 20 and score the full p_S at T: with
+    --top-p/--top-k the step logs the student's mass outside the sampler's kept set (mass_outside_sampler).
+    --temperature divides both roles' logits in the loss too.
  3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short, rollouts most of a step.
  4. Both are token means; across micro-batches each is weighted here by its token count (the exact
     token mean of the effective batch), where the authors average the micro-batches' means.
@@ -37,7 +39,7 @@ top-k 20, LoRA r64, bf16 logits). The README gives the measured evidence (the la
     teachers (the fixed copy, an OPD model) are bf16 there.
  9. Every dropout is off (set to 0 at load): the student scores in train mode, the teacher in eval (pitfall 12).
 10. No clip by default (--clip none): the loss is the equation's divergence. The authors' point-wise clip
-    is --clip pointwise; on the laptop run it slowed learning (README: the clip runs).
+    is --clip pointwise; on the laptop task it slowed learning (README: the --clip flag; notebook exercise 5).
 11. The LM head runs in fp32 inside the loss, a chunk of positions at a time, where the authors' trainer
     computes bf16 logits under autocast (pitfall 11).
 
@@ -107,13 +109,17 @@ class Config:
     # sampling
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
+    top_p: float = arg(1.0, "rollouts from the smallest set of tokens holding this mass (1.0: off, exactly on-policy; "
+                            "the authors: 0.95)")
+    top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off; the authors: 20)")
     # loss
     loss: str = arg("forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
     clip: str = arg("none", "clip each vocabulary term (pointwise: the authors') or each token's sum (token) at "
-                            "--clip-tau; none: the plain divergence of the equation (README: the laptop clip runs)",
+                            "--clip-tau; none: the plain divergence of the equation (README: why none)",
                     ["none", "pointwise", "token"])
-    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in non-thinking ones)")
+    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in "
+                                "non-thinking ones)")
     top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
     # teacher
     privileged: str = arg("solution", "the teacher reads the reference solution, its answer only, or another problem's "
@@ -135,8 +141,10 @@ class Config:
     # evaluation and output
     eval_every: int = arg(20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
     eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
-    eval_samples: int = arg(0, "also K sampled answers per held-out problem at --temperature: avg@K, pass@K, distinct "
-                               "answers (the authors: 12); 0 = greedy only")
+    eval_samples: int = arg(0, "also K sampled answers per held-out problem: avg@K, pass@K, distinct answers (the "
+                               "authors: 12); 0 = greedy only")
+    eval_temperature: float = arg(1.0, "temperature of --eval-samples (the authors' evaluation: 1.0)")
+    eval_top_p: float = arg(0.95, "top-p of --eval-samples (the authors' evaluation: 0.95, their code's default)")
     grader: str = arg("lenient", "lenient (the last \\boxed{}, else the last number) or math-verify (the last "
                                  "\\boxed{} only, by the math-verify library: the authors')", ["lenient", "math-verify"])
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
@@ -397,25 +405,30 @@ def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> torch.Tensor:
 # One way to roll out, for training (sampled), evaluation (greedy) and the notebook's token view.
 
 def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None, bucket: int = 1,
-            gen=None) -> tuple[torch.Tensor, torch.Tensor]:
+            gen=None, top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts (token ids) -> completions (B, C) and their mask (B, C): left-pad, then sample.
     temperature=None is greedy. bucket > 1 (CUDA): prompts padded to a multiple of it, rolled out
     with a static KV cache. gen: whose EOS ids and pad id to use (default: the model's own)."""
     gen = gen or model.generation_config                      # load_model keeps only the special ids there
     ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)                   # (B, P)
-    return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id, gen.pad_token_id, bucket > 1)
+    return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id, gen.pad_token_id, bucket > 1,
+                  top_p, top_k)
 
 
 @torch.no_grad()
 def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float | None, eos_ids: list[int],
-           pad_id: int, static_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           pad_id: int, static_cache: bool = False, top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, ...]:
     """Rollouts from left-padded prompts. temperature=None means greedy (evaluation).
     Returns completion ids (B, C), C <= max_new_tokens, and the completion mask (B, C).
     static_cache: a preallocated KV cache, which transformers compiles the decoder for on CUDA; the
     first call with a new shape pays the compile (tens of seconds), later calls reuse the graph."""
     was_training = model.training
     model.eval()  # in train mode with gradient checkpointing transformers drops the KV cache (pitfall 10)
-    kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else dict(do_sample=False)
+    # p_S at temperature T; with top_k/top_p, renormalised on the k likeliest tokens, then on the smallest set
+    # holding top_p of that (transformers' order). The loss scores the full p_S at T, so truncated rollouts
+    # are off-policy by the mass outside that set (pitfall 7), which the step logs as mass_outside_sampler.
+    kw = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature
+          else dict(do_sample=False))
     if static_cache:  # room for prompt + completion; one graph per prompt bucket
         kw["past_key_values"] = one_dtype_static_cache()(model.config, prompt_ids.shape[1] + max_new_tokens)
     with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
@@ -591,13 +604,14 @@ def token_scores(student, teacher: Teacher, tok, record: dict, cfg: Config, seed
     """Sections 5-6 on one problem: one rollout of the student, scored by both roles. Returns tokens
     (C strings), log_ratio = log p_T(y_n) - log p_S(y_n) and the per-token forward KL."""
     torch.manual_seed(seed)
-    comp, c_mask = rollout(student, [record["student_ids"]], cfg.max_new_tokens, cfg.temperature)    # (1, C)
+    comp, c_mask = rollout(student, [record["student_ids"]], cfg.max_new_tokens, cfg.temperature,
+                           top_p=cfg.top_p, top_k=cfg.top_k)                                         # (1, C)
     s_ids, s_mask = left_pad([record["student_ids"]], tok.pad_token_id, student.device)
     s_h, t_h = completion_hidden(student, s_ids, s_mask, comp, c_mask), teacher.hidden([record], comp, c_mask)
     heads = lm_head(student), teacher.head                                      # (V, H), (V', H')
     V = min(len(W) for W in heads)                                              # the shared vocabulary
-    log_p = lambda h, W: head_logits(h[0], W[:V]).log_softmax(-1).gather(-1, comp[0, :, None])[:, 0]  # noqa: E731
-    _, kl = token_divergence(s_h, t_h, c_mask, heads=heads)                     # log p(y_n) above: (C,)
+    log_p = lambda h, W: -cross_entropy(h, comp, c_mask, W[:V])[1][0]  # noqa: E731  log p(y_n), (C,)
+    _, kl = token_divergence(s_h, t_h, c_mask, temperature=cfg.temperature, heads=heads)
     n = int(c_mask.sum())
     tokens = [t.replace("Ġ", "_").replace("Ċ", "\\n") for t in tok.convert_ids_to_tokens(comp[0, :n].tolist())]
     return {"tokens": tokens, "log_ratio": (log_p(t_h, heads[1]) - log_p(s_h, heads[0]))[:n].tolist(),
@@ -668,21 +682,18 @@ def chunk_for(x, W=None) -> int:
 
 
 def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
-    """(B, C) fp32: fn(*(x[b, i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk`
-    positions of one rollout at a time (x[b, i:j] is a view; flattening (B, C) would copy). When a
-    gradient is needed, each chunk is recomputed in the backward pass, so that its (n, V) intermediates
-    never outlive it (pitfall 6)."""
+    """(B, C) fp32: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk` of the
+    B * C positions (hidden states flattened to (B * C, H): a small copy at most; logits, as tests pass
+    them, are copied unless contiguous). When a gradient is needed, each chunk is recomputed in the
+    backward pass, so that its (n, V) logits and intermediates never outlive it (pitfall 6)."""
     B, C = per_position[0].shape[:2]
-    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                           for x in per_position + rest)
-    rows = []
-    for b in range(B):
-        pieces = []
-        for i in range(0, C, chunk):
-            args = [x[b, i:i + chunk] for x in per_position] + list(rest)
-            pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
-        rows.append(torch.cat(pieces))                              # (C,)
-    return torch.stack(rows)                                        # (B, C)
+    flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in flat + list(rest))
+    pieces = []
+    for i in range(0, B * C, chunk):
+        args = [x[i:i + chunk] for x in flat] + list(rest)
+        pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(pieces).view(B, C)
 
 
 def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature):
@@ -788,10 +799,10 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
             else:    # ŷ ~ p_S(. | x): the student reads only the problem
                 with autocast:
                     comp, c_mask = rollout(model, [p["student_ids"] for p in problems], cfg.max_new_tokens,
-                                           cfg.temperature, bucket)                                   # (B, C)
+                                           cfg.temperature, bucket, top_p=cfg.top_p, top_k=cfg.top_k)   # (B, C)
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
     N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)  # completion tokens, all processes
-    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0)
+    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0, outside=0.0)
     for i, r in enumerate(rollouts):
         problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
         with timer("teacher"), autocast:  # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
@@ -817,7 +828,7 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     eos = torch.tensor(gen.eos_token_id, device=model.device)
     lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()                            # tokens per rollout
     cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()               # no EOS: truncated
-    loss, div, clipped, h_s, h_t, len_sum, cut_sum, n_rollouts = all_reduce(
+    loss, div, clipped, h_s, h_t, outside, len_sum, cut_sum, n_rollouts = all_reduce(
         list(sums.values()) + [lens.sum().item(), cut.sum().item(), len(lens)], model.device)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
     if math.isfinite(loss) and torch.isfinite(grad_norm):  # a NaN/inf step is never applied
@@ -827,7 +838,8 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     n = N.item()
     return {"loss": loss / n, "divergence": None if sft else div / n, "completion_len": len_sum / n_rollouts,
             "truncated_frac": cut_sum / n_rollouts, "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
-            "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n}, rollouts
+            "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n,
+            "mass_outside_sampler": None if sft else outside / n}, rollouts
 
 
 @torch.no_grad()
@@ -836,11 +848,15 @@ def monitors(cfg: Config, s_h, t_h, mask, per_token, heads) -> dict[str, float]:
     already has (heads: the roles' LM heads): the loss itself, `divergence` (always the unclipped
     full-vocabulary forward KL: deviation 7), `clipped` (tokens whose clip was active), and each role's
     token entropy H(p) = -sum_v p(v) log p(v): a divergence that falls while H(p_S) collapses is a
-    student that stopped exploring, not one that learned."""
+    student that stopped exploring, not one that learned. With --top-p/--top-k, `outside`: the mass of
+    p_S outside the set the sampler kept, at each sampled position (how far off-policy the rollouts are)."""
     out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0, "entropy_teacher": math.nan,
-           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item()}
-    if t_h is None:  # SFT: there is no teacher
+           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item(), "outside": 0.0}
+    if t_h is None:  # SFT: there is no teacher, and no sampler
         return out
+    if cfg.top_p < 1.0 or cfg.top_k:
+        out["outside"] = over_positions(_outside_chunk, (s_h, mask), (heads[0], cfg.temperature, cfg.top_k, cfg.top_p),
+                                        chunk_for(s_h, heads[0])).sum().item()
     out["entropy_teacher"] = token_entropy(t_h, mask, cfg.temperature, heads[1]).sum().item()
     plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
     kl = per_token if plain_kl else token_divergence(s_h, t_h, mask, temperature=cfg.temperature, heads=heads)[1]
@@ -850,6 +866,14 @@ def monitors(cfg: Config, s_h, t_h, mask, per_token, heads) -> dict[str, float]:
                                   temperature=cfg.temperature, heads=heads)
         out["clipped"] = ((per_token < raw) & mask).sum().item()
     return out
+
+
+def _outside_chunk(x, m, W, temperature, top_k, top_p):
+    p = (head_logits(x, W) / temperature).softmax(-1).sort(-1, descending=True).values    # (n, V), likeliest first
+    p = p[:, :top_k] if top_k else p                       # top-k first, then top-p of the renormalised rest
+    q = p / p.sum(-1, keepdim=True)
+    kept = q.cumsum(-1) - q < top_p                        # kept while the mass before the token is below top_p
+    return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
 
 
 # -----------------------------------------------------------------------------------------------
@@ -900,8 +924,8 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
 
 
 def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket: int = 1) -> dict[str, float]:
-    """K = cfg.eval_samples answers per problem at the training temperature: K copies of each prompt in
-    one generate, about 2 x batch-size rows per call. Sums over the problems of
+    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p: K copies of each
+    prompt in one generate, about 2 x batch-size rows per call. Sums over the problems of
       avg_at_k  the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
       pass_at_k 1 if any of the K is right (pass@K >= avg@K)
       distinct  the number of distinct normalised final answers among the K ("no answer" is one)."""
@@ -912,7 +936,7 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
         chunk = eval_set[i:i + per_call]
         with weights():
             comp, c_mask = rollout(m, [p[key] for p in chunk for _ in range(K)], cfg.max_new_tokens,
-                                   cfg.temperature, bucket, gen)                          # (len(chunk) * K, C)
+                                   cfg.eval_temperature, bucket, gen, cfg.eval_top_p)     # (len(chunk) * K, C)
         for j, p in enumerate(chunk):
             graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"], cfg.grader)
                       for r in range(j * K, (j + 1) * K)]                                # problem j's K answers
@@ -1053,8 +1077,15 @@ def check_config(cfg: Config) -> None:
         raise OPSDError(f"--beta must lie in [0, 1] (got {cfg.beta})")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise OPSDError(f"--ema-decay must lie in (0, 1) (got {cfg.ema_decay})")
-    if cfg.top_k_loss is not None and cfg.top_k_loss <= 0:
-        raise OPSDError(f"--top-k-loss must be positive (got {cfg.top_k_loss})")
+    if cfg.top_k_loss is not None and cfg.top_k_loss < 2:
+        raise OPSDError(f"--top-k-loss must be at least 2 (got {cfg.top_k_loss}); on one token both roles' "
+                        f"renormalised distributions are 1 and the loss is 0")
+    if not (0.0 < cfg.top_p <= 1.0 and 0.0 < cfg.eval_top_p <= 1.0) or cfg.top_k < 0:
+        raise OPSDError(f"--top-p and --eval-top-p must lie in (0, 1] and --top-k be 0 (off) or positive (got "
+                        f"{cfg.top_p}, {cfg.eval_top_p}, {cfg.top_k})")
+    if cfg.eval_temperature <= 0:
+        raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default "
+                        f"evaluation, --eval-samples adds sampled answers")
     if cfg.lr <= 0 or cfg.max_grad_norm <= 0:
         raise OPSDError("--lr and --max-grad-norm must be positive")
     if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
@@ -1420,8 +1451,8 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
         # (B, C + 1, H) rows from the teacher pass and from the student pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
         # _divergence_chunk: two heads' outputs, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32,
-        # n <= C positions of one rollout; and the fp32 copy of a head kept in half precision
-        "one chunk of the divergence (7 fp32 tensors)": 7 * min(C, max(1, CHUNK // V)) * V * 4 + sum(
+        # n <= B * C positions; and the fp32 copy of a head kept in half precision
+        "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
             W.numel() * 4 for W in heads if W.dtype != torch.float32),
     }
 
@@ -1928,6 +1959,8 @@ def main(argv=None) -> int:
             cfg = parse_args(argv)     # a bad flag: argparse's message once, not once per process
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
+        if cfg.clip == "none" and cfg.clip_tau != Config.clip_tau and lead:
+            print("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
         out = train(cfg)
     except OPSDError as e:  # rank 0's, or another rank's own (the errors all ranks meet alike are rank 0's)
         print(f"error{who}: {e}", file=sys.stderr)

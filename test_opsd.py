@@ -179,20 +179,21 @@ def test_chunked_and_unchunked_agree(loss, beta, clip, top_k):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_divergence_never_copies_the_logits_of_a_batch(tiny):
-    """completion_logits returns a slice of (B, C + 1, V), not contiguous for B > 1: flattening it to
-    (B * C, V) would copy both roles' logits for the whole step (the old "views, no copies" comment).
-    The forward may hold one chunk of positions at a time, nothing of the batch's size."""
-    B, C, V, chunk = 3, 6, 37, 2
-    full = torch.randn(B, C + 1, V, requires_grad=True)
-    s_logits, t_logits = full[:, :-1], torch.randn(B, C + 1, V + 5)[:, :-1]    # as completion_logits returns
+def test_divergence_holds_one_chunk_of_logits_and_copies_no_more_than_hidden_states():
+    """completion_hidden returns a slice of (B, C + 1, H), not contiguous for B > 1: flattening it to
+    (B * C, H) copies the hidden states (small). The head's (n, V) logits exist one chunk of positions at
+    a time: no new tensor reaches B * C * V elements, in the forward or the backward."""
+    B, C, H, V, chunk = 3, 6, 4, 37, 2
+    full = torch.randn(B, C + 1, H, requires_grad=True)
+    s_h, t_h = full[:, :-1], torch.randn(B, C + 1, H)[:, :-1]                  # as completion_hidden returns
+    W_s, W_t = torch.randn(V, H, requires_grad=True), torch.randn(V + 5, H)
     mask = torch.ones(B, C, dtype=torch.bool)
     with LargestNewTensor() as largest:
-        loss, per_token = opsd.token_divergence(s_logits, t_logits, mask, clip="pointwise", chunk_size=chunk)
-    assert largest.numel <= chunk * V                                           # one chunk, never (B * C, V)
-    want = opsd.token_divergence(s_logits.detach().contiguous(), t_logits.contiguous(), mask, clip="pointwise")[1]
+        loss, per_token = opsd.token_divergence(s_h, t_h, mask, clip="pointwise", heads=(W_s, W_t), chunk_size=chunk)
+        loss.backward()
+    assert largest.numel <= max(chunk * V, V * H, B * C * H) < B * C * V    # one chunk, a weight's gradient, h
+    want = opsd.token_divergence(s_h.detach() @ W_s.detach().T, t_h @ W_t.T, mask, clip="pointwise")[1]
     torch.testing.assert_close(per_token, want)
-    loss.backward()
     assert full.grad is not None and full.grad[:, -1].abs().sum() == 0
 
 
@@ -201,6 +202,34 @@ def test_teacher_vocabulary_is_cut_to_the_students():
     got = opsd.token_divergence(s, t, mask)[1]
     want = opsd.token_divergence(s, t[..., :40], mask)[1]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("loss,beta", [("forward_kl", 0.5), ("jsd", 0.5), ("sampled_token", 0.5)])
+def test_heads_give_the_logits_divergence_for_a_wider_untied_teacher_head_and_a_shared_one(loss, beta):
+    """With hidden states and heads, token_divergence is the divergence of the logits h W^T: an OPD
+    teacher's untied head with more rows is cut to the student's vocabulary; a head the two roles share
+    (--teacher current) gets its gradient from the student's side only; chunks change nothing."""
+    g = torch.Generator().manual_seed(11)
+    B, C, H, V = 2, 5, 8, 40
+    s_h, t_h = torch.randn(B, C, H, generator=g, requires_grad=True), torch.randn(B, C, H + 4, generator=g)
+    W_s, W_t = torch.randn(V, H, generator=g, requires_grad=True), torch.randn(V + 7, H + 4, generator=g)
+    mask = torch.ones(B, C, dtype=torch.bool)
+    mask[1, 3:] = False
+    y = torch.randint(0, V, (B, C), generator=g)
+    for chunk in (None, 2):
+        got = opsd.token_divergence(s_h, t_h, mask, loss=loss, beta=beta, sampled_tokens=y, heads=(W_s, W_t),
+                                    chunk_size=chunk)[1]
+        want = opsd.token_divergence(s_h @ W_s.T, t_h @ W_t.T, mask, loss=loss, beta=beta, sampled_tokens=y)[1]
+        torch.testing.assert_close(got, want)
+    shared = W_s
+    opsd.token_divergence(s_h, s_h.detach() + 0.1, mask, loss=loss, beta=beta, sampled_tokens=y,
+                          heads=(W_s, shared))[0].backward()
+    grads = s_h.grad.clone(), W_s.grad.clone()
+    s_h.grad = W_s.grad = None
+    opsd.token_divergence(s_h, s_h.detach() + 0.1, mask, loss=loss, beta=beta, sampled_tokens=y,
+                          heads=(W_s, W_s.detach().clone()))[0].backward()
+    torch.testing.assert_close(s_h.grad, grads[0])
+    torch.testing.assert_close(W_s.grad, grads[1])                # the teacher's use of W adds nothing
 
 
 def test_token_clip_stops_the_gradient_of_clipped_tokens():
@@ -507,7 +536,7 @@ def test_cli_end_to_end_writes_every_output_and_a_checkpoint_that_reloads(tmp_pa
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 1, 2]
     keys = {"loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "sec_generate", "sec_teacher",
-            "sec_student", "peak_mem_gb"}
+            "sec_student", "peak_mem_gb", "mass_outside_sampler"}
     assert all(keys <= set(l) and all(math.isfinite(l[k]) for k in keys) for l in train)
     assert all({"student_acc", "teacher_acc", "n"} <= set(l) for l in evals)
     assert json.loads((out / "config.json").read_text())["model"] == "tiny"
@@ -693,6 +722,26 @@ def test_a_step_never_makes_a_tensor_of_every_position_over_the_vocabulary(monke
     assert C > chunk and positions and max(positions) == chunk < B * C
 
 
+def test_the_head_swap_of_a_scoring_pass_does_not_recompile_a_compiled_decoder():
+    """On CUDA the rollouts run a torch.compile'd forward (static cache). completion_hidden swaps the LM
+    head for an identity and back between rollouts: the compiled call's guards must still hold after
+    it (a recompile costs tens of seconds a step). Dynamo's guards are the same under the eager backend."""
+    import torch._dynamo
+    model, _ = opsd.load_model("tiny")
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    compiled = torch.compile(model.__call__, backend="eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = compiled(input_ids=ids).logits
+            opsd.completion_hidden(model, ids, torch.ones_like(ids), torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.bool))
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                torch.testing.assert_close(compiled(input_ids=ids).logits, want)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_dropout_is_off_so_a_model_distilled_from_itself_has_zero_divergence(tmp_path):
     """Pitfall 12: a hub model with attention_dropout 0.3, loaded through load_model, scored as the
     student (train mode) and as the teacher (eval mode) on the same weights and the same prompt."""
@@ -712,8 +761,11 @@ def test_dropout_is_off_so_a_model_distilled_from_itself_has_zero_divergence(tmp
     assert metrics["divergence"] == 0.0 and metrics["loss"] == 0.0
 
 
-def test_the_default_objective_is_the_unclipped_divergence(capsys):
+def test_the_default_objective_is_the_unclipped_divergence(capsys, tmp_path):
     assert opsd.Config().clip == "none" and opsd.PRESETS["laptop"].get("clip", "none") == "none"
+    assert opsd.main(["--preset", "smoke", "--clip-tau", "1e-6", "--max-steps", "1", "--eval-size", "0",
+                      "--output-dir", str(tmp_path / "o")]) == 0
+    assert "--clip-tau applies only with --clip pointwise" in capsys.readouterr().out  # a tau alone does nothing
     with pytest.raises(SystemExit):
         opsd.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split("options:")[1].split())
@@ -1439,21 +1491,21 @@ def test_sampled_evaluation_counts_avg_pass_and_distinct_answers_from_one_genera
     problems = [{"problem": f"p{g}", "answer": g, "student_ids": [int(g)] * 3} for g in answers]
     calls = []
 
-    def fake_rollout(m, prompts, max_new_tokens, temperature, bucket=1, gen=None):
-        calls.append((len(prompts), temperature))
+    def fake_rollout(m, prompts, max_new_tokens, temperature, bucket=1, gen=None, top_p=1.0, top_k=0):
+        calls.append((len(prompts), temperature, top_p, top_k))
         texts = [answers[str(p[0])][i % K] for i, p in enumerate(prompts)]   # copy i of each problem: answer i
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
         comp = opsd.right_pad(ids, tok.pad_token_id)
         return comp, comp != tok.pad_token_id
     monkeypatch.setattr(opsd, "rollout", fake_rollout)
-    cfg = opsd.Config(eval_samples=K, batch_size=3, temperature=0.7)  # 2 x 3 rows per call: both problems at once
+    cfg = opsd.Config(eval_samples=K, batch_size=3, eval_temperature=0.7, temperature=1.1, top_p=0.5)  # 2 x 3 rows
     got = opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, cfg)
-    assert calls == [(2 * K, 0.7)]                                                # one generate, K copies each
+    assert calls == [(2 * K, 0.7, 0.95, 0)]            # one generate, K copies each, the evaluation's own decoding
     assert got["avg_at_k"] == pytest.approx(2 / 3 + 1 / 3) and got["pass_at_k"] == 2
     assert got["distinct"] == 2 + 2                                             # {4, 5} and {None, 7}
     calls.clear()
     opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, opsd.Config(eval_samples=K, batch_size=1))
-    assert calls == [(K, 1.0), (K, 1.0)]                                         # one problem per call
+    assert calls == [(K, 1.0, 0.95, 0), (K, 1.0, 0.95, 0)]                      # one problem per call
 
 
 def test_eval_samples_add_avg_pass_distinct_seeded_and_leave_training_and_greedy_alone(tmp_path):
@@ -1472,6 +1524,59 @@ def test_eval_samples_add_avg_pass_distinct_seeded_and_leave_training_and_greedy
             assert 0 <= l[f"{role}_avg_at_k"] <= l[f"{role}_pass_at_k"] <= 1
             assert 1 <= l[f"{role}_distinct"] <= 4
     assert any(l["student_distinct"] > 1 for l in k_eval)                         # sampled, not four greedy copies
+
+
+def test_top_k_and_top_p_reach_generate_and_the_rollout_stays_in_the_kept_set(tiny, monkeypatch):
+    """--top-k 3: every sampled token is among the model's 3 likeliest at its position. And the step
+    hands --top-p/--top-k to generate, while the evaluation's samples use their own decoding."""
+    model, tok = tiny
+    model.eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    torch.manual_seed(0)
+    comp, c_mask = opsd.rollout(model, prompts, 12, 1.0, top_k=3)
+    with torch.no_grad():
+        logits = completion_logits(model, *opsd.left_pad(prompts, tok.pad_token_id), comp, c_mask)   # (B, C, V)
+    top3 = logits.topk(3, dim=-1).indices
+    assert ((top3 == comp[..., None]).any(-1) | ~c_mask).all()
+    seen = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append((kw["top_p"], kw["top_k"])) or real(**kw))
+    cfg, _, _, problems = step_setup(top_p=0.9, top_k=5)
+    opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+    assert seen == [(0.9, 5)]
+
+
+def test_mass_outside_the_sampler_is_zero_by_default_and_the_top_k_tail_with_top_k(monkeypatch):
+    """The monitor: 0 with the exact sampler; with --top-k 5, the student's mass outside its 5 likeliest
+    tokens at each sampled position (recomputed in float64 from the step's own hidden states)."""
+    kept, real = [], opsd.completion_hidden
+    monkeypatch.setattr(opsd, "completion_hidden", lambda *a: kept.append(real(*a)) or kept[-1])
+    for top_k in (0, 5):
+        cfg, model, tok, problems = step_setup(top_k=top_k)
+        kept.clear()
+        torch.manual_seed(0)
+        metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok),
+                                           torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+        if top_k == 0:
+            assert metrics["mass_outside_sampler"] == 0.0
+            continue
+        p = (kept[1].detach().double() @ opsd.lm_head(model).double().T).softmax(-1)      # the student's pass
+        tail = 1 - p.topk(5, dim=-1).values.sum(-1)                                       # (B, C)
+        m = rollouts[0]["c_mask"]
+        assert metrics["mass_outside_sampler"] == pytest.approx((tail[m].sum() / m.sum()).item(), rel=1e-5)
+        assert metrics["mass_outside_sampler"] > 0.5                   # a random model spreads over 320 tokens
+
+
+@pytest.mark.parametrize("flags,names", [(["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"),
+                                         (["--top-k", "-1"], "--top-k"), (["--eval-top-p", "0"], "--eval-top-p"),
+                                         (["--eval-temperature", "-1"], "--eval-temperature"),
+                                         (["--top-k-loss", "1"], "--top-k-loss")])
+def test_bad_decoding_values_are_refused_before_any_model_loads(flags, names, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
+    assert opsd.main(["--preset", "smoke", *flags, "--output-dir", str(tmp_path / "o")]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and names in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 GRADED = [("so the total is \\boxed{1,234}", "1234"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{18.0} apples", "18"),
