@@ -1482,9 +1482,11 @@ class Interrupted(Exception):
 
 class Stopped(Exception):
     """Under torchrun: this process stops because another one stopped the run and says why (rank 0 for
-    the errors every process meets alike, or the rank whose error it was). Exits quietly with `code`."""
+    the errors every process meets alike, or the rank whose error it was). Exits quietly with `code`, 0:
+    a failed process makes torchrun signal the others, which could stop rank 0 before it has said why;
+    torchrun's own exit status is the failed one's."""
 
-    def __init__(self, code=2):
+    def __init__(self, code=0):
         super().__init__()
         self.code = code
 
@@ -1955,8 +1957,13 @@ def main(argv=None) -> int:
     try:
         from huggingface_hub.utils import logging as hub_logging
         hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
-        with contextlib.nullcontext() if lead else contextlib.redirect_stderr(open(os.devnull, "w")):
-            cfg = parse_args(argv)     # a bad flag: argparse's message once, not once per process
+        try:
+            with contextlib.nullcontext() if lead else contextlib.redirect_stderr(open(os.devnull, "w")):
+                cfg = parse_args(argv)     # a bad flag: argparse's message once, not once per process
+        except SystemExit:
+            if lead:
+                raise
+            raise Stopped() from None  # rank 0 says it; exit 0, so that torchrun lets it (Stopped)
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
         if cfg.clip == "none" and cfg.clip_tau != Config.clip_tau and lead:

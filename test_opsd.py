@@ -1196,12 +1196,24 @@ def test_two_processes_make_the_one_process_update(tmp_path):
     assert len(lens) > 1  # the test can tell the weightings apart
 
 
+LATE_RANK_0 = """
+import os, sys, time
+import opsd
+if os.environ["RANK"] == "0":
+    time.sleep(3)  # rank 0 late (its imports slower): the others must not exit in a way that stops it
+sys.exit(opsd.main(sys.argv[1:]))
+"""
+
+
 def test_torchrun_bad_input_stops_every_process_with_one_line(tmp_path):
+    """Every process meets the bad flag; rank 0 says it. The others exit 0 meanwhile: a non-zero exit
+    made torchrun SIGTERM rank 0 before it had printed, whenever rank 0 came second (a flaky test)."""
+    (tmp_path / "late.py").write_text(LATE_RANK_0)
     start = time.time()
-    r = torchrun("--preset", "smoke", "--max-steps", "0", "--output-dir", str(tmp_path / "o"))
+    r = torchrun("--preset", "smoke", "--max-steps", "0", "--output-dir", str(tmp_path / "o"), script=tmp_path / "late.py")
     assert r.returncode != 0 and time.time() - start < 120
     assert r.stderr.count("error: --max-steps must be positive") == 1, r.stderr[-2000:]
-    r = torchrun("--preset", "smoke", "--loss", "nonsense", "--output-dir", str(tmp_path / "o"))
+    r = torchrun("--preset", "smoke", "--loss", "nonsense", "--output-dir", str(tmp_path / "o"), script=tmp_path / "late.py")
     assert r.returncode != 0 and r.stderr.count("invalid choice") == 1, r.stderr[-2000:]
     assert not (tmp_path / "o").exists()
 
