@@ -145,8 +145,9 @@ class Config:
                                "authors: 12); 0 = greedy only")
     eval_temperature: float = arg(1.0, "temperature of --eval-samples (the authors' evaluation: 1.0)")
     eval_top_p: float = arg(0.95, "top-p of --eval-samples (the authors' evaluation: 0.95, their code's default)")
-    grader: str = arg("lenient", "lenient (the last \\boxed{}, else the last number) or math-verify (the last "
-                                 "\\boxed{} only, by the math-verify library: the authors')", ["lenient", "math-verify"])
+    grader: str = arg("lenient", "both by the math-verify library: lenient (the last \\boxed{}, else the last "
+                                 "answer in the text) or math-verify (the last \\boxed{} only: the authors')",
+                      ["lenient", "math-verify"])
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
     overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
     resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same settings; "
@@ -304,7 +305,7 @@ def to_records(rows, cfg: Config, name: str) -> list[dict]:
     out = []
     for row in rows:
         solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))  # calculator notes: noise
-        answer = extract_answer(solution)
+        answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]  # GSM8K's is boxed by now
         if answer is not None and str(row[pc]).strip():
             out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(), "answer": answer})
     if not out:
@@ -879,12 +880,13 @@ def _outside_chunk(x, m, W, temperature, top_k, top_p):
 # -----------------------------------------------------------------------------------------------
 # 9. Evaluation
 # -----------------------------------------------------------------------------------------------
-# Greedy decoding, one answer per problem, graded by extract_answer: the last \boxed{}, else the
-# number after "The answer is" or "####", else the last number (lenient, so that a small model's
-# format slips do not hide what it can do). The authors sample 12 answers per problem and grade the
-# last \boxed{} with math-verify (avg@12): --eval-samples 12 --grader math-verify gives that protocol.
-# Sampled answers also show what greedy decoding hides: pass@K (any of the K right) and how many
-# distinct answers the K samples give, a measure of the diversity that self-distillation can narrow.
+# Greedy decoding, one answer per problem, graded by math-verify (the library public evaluations
+# use): lenient by default, reading the final answer wherever it is (the last \boxed{}, else the
+# last answer in the text), so that a small model's format slips do not hide what it can do. The
+# authors sample 12 answers per problem at T 1.0, top-p 0.95 and grade the last \boxed{} only
+# (avg@12): --eval-samples 12 --grader math-verify. Sampled answers also show what greedy decoding
+# hides: pass@K (any of the K right) and how many distinct answers the K samples give, a measure of
+# the diversity that self-distillation can narrow.
 
 @torch.no_grad()
 def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config, bucket: int = 1,
@@ -906,8 +908,9 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
                 comp, c_mask = rollout(m, [p[key] for p in chunk], cfg.max_new_tokens, None, bucket, gen)
             for p, row, rmask in zip(chunk, comp, c_mask):
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
-                correct += grade(text, p["answer"], cfg.grader)[0]
-                texts[role].append(text)
+                right, answer = grade(text, p["answer"], cfg.grader)
+                correct += right
+                texts[role].append((text, answer))
         result[f"{role}_correct"] = correct
         if cfg.eval_samples:
             with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):  # training's RNG untouched
@@ -917,8 +920,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
     for j, p in enumerate(eval_set[:3]):  # a few problems, to read what each role wrote
         sample_line = {"problem": p["problem"], "gold": p["answer"]}
         for role in texts:
-            sample_line[f"{role}_completion"] = texts[role][j]
-            sample_line[f"{role}_answer"] = extract_answer(texts[role][j])
+            sample_line[f"{role}_completion"], sample_line[f"{role}_answer"] = texts[role][j]
         result["samples"].append(sample_line)
     return result
 
@@ -928,7 +930,7 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
     prompt in one generate, about 2 x batch-size rows per call. Sums over the problems of
       avg_at_k  the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
       pass_at_k 1 if any of the K is right (pass@K >= avg@K)
-      distinct  the number of distinct normalised final answers among the K ("no answer" is one)."""
+      distinct  the number of distinct final answers among the K, as math-verify read them (none is one)."""
     K, gen = cfg.eval_samples, m.generation_config
     per_call = max(1, 2 * cfg.batch_size // K)
     sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
@@ -947,35 +949,34 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
 
 
 def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, str | None]:
-    """(right?, the normalised final answer) of one completion. lenient: extract_answer(text) == gold.
-    math-verify: only the last \\boxed{} counts (none: wrong), compared with the gold answer by the
-    math-verify library, which reads 1,234 and 1234, 0.5 and \\frac{1}{2}, 18.0 and 18 as equal."""
-    if grader == "lenient":
-        answer = extract_answer(text)
-        return answer == gold, answer
-    boxed = last_boxed(text)
-    if boxed is None:
-        return False, None
+    """(right?, the final answer as math-verify read it, None when there is none) of one completion,
+    compared with the gold by math-verify, which reads 1,234 and 1234, 0.5 and \\frac{1}{2} as equal.
+    The gold is parsed inside \\boxed{}: bare, '1-\\sqrt{2}' reads as 1 (pitfall 14)."""
     from math_verify import parse, verify
-    return bool(verify(parse(gold), parse(f"\\boxed{{{boxed}}}"))), normalize(boxed)
+    answer = final_answer(text, boxed_only=grader == "math-verify")
+    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer[-1] if answer else None
 
 
-NUMBER = r"-?\$?\s*\d[\d,]*(?:\.\d+)?"
+def final_answer(text: str, boxed_only: bool = False) -> list:
+    """math-verify's reading of the final answer in a text: [sympy expression, the string it read], or
+    [] for none. The last \\boxed{} if there is one; else (--grader lenient) the last answer in the
+    text ('The answer is 1 + 5 = 6.' -> 6) or (boxed_only: --grader math-verify, the authors' rule)
+    none. math-verify reads '\\$18', '18 \\text{ dollars}', '8{,}000', '50\\%' as numbers and '1,2,3'
+    never as 123. Unicode minus signs become '-' first: math-verify skips U+2212, so '−7' would be
+    graded as 7, a sign error counted right."""
+    from math_verify import parse
+    text = text.translate(MINUS_SIGNS)
+    box = last_boxed(text)
+    if box is None and boxed_only:
+        return []
+    return parse(text if box is None else f"\\boxed{{{box}}}")
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in a solution: the last brace-matched \\boxed{...}; else the number after the
-    last 'The answer is' or '####'; else the last number. Normalised: no commas, '$', spaces, or
-    trailing '.', '.0'. None when there is no answer."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return normalize(boxed)
-    marked = re.findall(r"(?:the answer is|####)\s*:?\s*(" + NUMBER + ")", text, flags=re.IGNORECASE)
-    numbers = marked or re.findall(NUMBER, text)
-    return normalize(numbers[-1]) if numbers else None
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # minus, dashes, full-width
 
 
 def last_boxed(text: str) -> str | None:
+    """What the last brace-matched \\boxed{...} holds, stripped; None without one (or unbalanced)."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -983,15 +984,8 @@ def last_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i:j]
-    return None  # unbalanced: no answer inside a box
-
-
-def normalize(ans: str) -> str:
-    ans = ans.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
-    if re.fullmatch(r"-?\d+\.\d+", ans):
-        ans = ans.rstrip("0").rstrip(".")  # 12.50 -> 12.5, 12.0 -> 12
-    return ans
+            return text[i:j].strip()
+    return None
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1095,8 +1089,8 @@ def check_config(cfg: Config) -> None:
         raise OPSDError("--arith-digits and --arith-steps must be at least 1")
     if cfg.eval_samples < 0:
         raise OPSDError(f"--eval-samples must be 0 (greedy only) or positive (got {cfg.eval_samples})")
-    if cfg.grader == "math-verify" and importlib.util.find_spec("math_verify") is None:
-        raise OPSDError("--grader math-verify needs the math-verify package: pip install math-verify")
+    if importlib.util.find_spec("math_verify") is None:
+        raise OPSDError("opsd.py reads and grades answers with the math-verify package: pip install math-verify")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -437,7 +437,8 @@ def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
     for p in a:
         assert p["solution"].endswith(f"= {p['answer']}.")
         assert int(p["answer"]) >= 0
-        assert opsd.extract_answer(p["solution"]) == p["answer"]
+        assert opsd.grade(p["solution"], p["answer"]) == (True, p["answer"])  # a worked solution reads as its answer
+        assert not opsd.grade(p["solution"], str(int(p["answer"]) + 1))[0]
     train, held_out = opsd.load_problems(opsd.Config(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
                                                      grad_accum=1))
     assert len(held_out) == 30
@@ -458,9 +459,12 @@ def test_gsm8k_references_end_boxed_and_still_grade_to_the_gold_number():
     raw = {json.loads(l)["question"].strip(): json.loads(l)["answer"] for f in ("train", "test")
            for l in open(GSM8K / f"{f}.jsonl")}
     for p in train + test:
-        gold = raw[p["problem"]].split("####")[-1].strip().replace(",", "")
+        gold = raw[p["problem"]].split("####")[-1].strip()
         assert "####" not in p["solution"] and re.search(r"\n\\boxed\{[^{}\n]+\}$", p["solution"]), p["solution"]
-        assert opsd.extract_answer(p["solution"]) == gold == p["answer"]
+        assert p["answer"] == gold
+    for p in test:  # both graders read the reference's box as the number, thousands separators and all
+        number = p["answer"].replace(",", "")
+        assert opsd.grade(p["solution"], number) == opsd.grade(p["solution"], number, "math-verify") == (True, p["answer"])
 
 
 def test_boxed_reference_rewrites_only_a_final_marker():
@@ -480,33 +484,47 @@ def test_local_jsonl_with_problem_solution_columns_holds_out_a_slice(tmp_path):
     assert all(p["answer"] == str(int(p["problem"].split()[2]) + 1) for p in train)
 
 
-# --- 9. extract_answer ---------------------------------------------------------------------------
+# --- 9. grading ---------------------------------------------------------------------------------
 
-@pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
-def test_extract_answer_on_real_gsm8k_gold_answers():
-    rows = [json.loads(line) for line in open(GSM8K / "test.jsonl")]
-    for row in rows:
-        gold = row["answer"].split("####")[-1].strip().replace(",", "")
-        assert opsd.extract_answer(row["answer"]) == gold, row["answer"]
+# (completion, gold, what math-verify read, lenient's verdict, --grader math-verify's verdict): what a
+# careful grader says. The cases public graders had to fix (issue 21), and those that must stay wrong.
+GRADES = [
+    ("He pays \\boxed{\\$18}.", "18", "18", True, True),
+    ("\\boxed{18 \\text{ dollars}}", "18", "18", True, True),
+    ("\\boxed{8{,}000}", "8000", "8,000", True, True),
+    ("so the total is \\boxed{1,234}", "1234", "1,234", True, True),
+    ("The answer is \u22127.", "-7", "-7", True, False),             # U+2212 minus; no box
+    ("The answer is \u22127.", "7", "-7", False, False),             # a sign error stays wrong
+    ("\\boxed{\u22127}", "-7", "-7", True, True),
+    ("so the answer is \u20137", "-7", "-7", True, False),           # en dash as a minus
+    ("\\boxed{50\\%}", "50", "50\\%", True, True),
+    ("so $x = 5$", "5", "x = 5", True, False),
+    ("\\boxed{\\frac{3}{4}}", "0.75", "\\frac{3}{4}", True, True),
+    ("The answer is 1/2", "\\frac{1}{2}", "1/2", True, False),
+    ("The answer is 1 + 5 = 6.", "6", "6", True, False),
+    ("The answer is 12.", "120", "12", False, False),
+    ("\\boxed{1}", "1-\\sqrt{2}", "1", False, False),                   # bare, the gold would read as 1
+    ("\\boxed{1-\\sqrt{2}}", "1-\\sqrt{2}", "1-\\sqrt{2}", True, True),
+    ("The answers are 1,2,3", "123", "1.2", False, False),            # a list is never 123
+    ("first \\boxed{5} then \\boxed{6}", "6", "6", True, True),         # the last box counts
+    ("first \\boxed{6} then \\boxed{5}", "6", "5", False, False),
+    ("\\boxed{72} then the answer is 5", "72", "72", True, True),     # a box before anything else
+    ("\\boxed{18.0} apples", "18", "18.0", True, True),
+    ("\\boxed{71}", "72", "71", False, False),
+    ("The answer is $1,234.", "1234", "1234", True, False),
+    ("#### 72", "72", "72", True, False),
+    ("The answer is 5. Checking: 2 + 3 = 5, and 9 is unrelated", "5", "5", True, False),
+    ("I have 3 apples and then 10", "10", "10", True, False),
+    ("It costs $4.50.", "4.5", "4.50", True, False),
+    ("no number here", "5", None, False, False),
+    ("\\boxed{7", "7", None, False, False),                         # unbalanced box: no answer
+]
 
 
-@pytest.mark.parametrize("text,want", [
-    ("so 3 + 4 = 7. The answer is 7.", "7"),
-    ("The answer is $1,234.", "1234"),
-    ("The answer is 12.0", "12"),
-    ("the answer is -5, not 3", "-5"),
-    ("#### 72", "72"),
-    ("First 2 + 2 = 4, then \\boxed{\\frac{1}{2}} is it", "\\frac{1}{2}"),
-    ("\\boxed{3} wrong, corrected: \\boxed{1,000}", "1000"),
-    ("\\boxed{x^{2}}", "x^{2}"),
-    ("The answer is 5. Checking: 2 + 3 = 5, and 9 is unrelated", "5"),
-    ("I have 3 apples and then 10", "10"),
-    ("It costs $4.50.", "4.5"),
-    ("no number here", None),
-    ("\\boxed{7", "7"),  # unbalanced box: falls back to the last number
-])
-def test_extract_answer_on_hand_written_outputs(text, want):
-    assert opsd.extract_answer(text) == want
+@pytest.mark.parametrize("text,gold,read,lenient,boxed", GRADES)
+def test_both_graders_on_answers_models_write(text, gold, read, lenient, boxed):
+    assert opsd.grade(text, gold) == (lenient, read)
+    assert opsd.grade(text, gold, "math-verify") == (boxed, read if "\\boxed{" in text else None)
 
 
 # --- 1. config -----------------------------------------------------------------------------------
@@ -1591,35 +1609,12 @@ def test_bad_decoding_values_are_refused_before_any_model_loads(flags, names, tm
     assert not (tmp_path / "o").exists()
 
 
-GRADED = [("so the total is \\boxed{1,234}", "1234"), ("\\boxed{\\frac{1}{2}}", "0.5"), ("\\boxed{18.0} apples", "18"),
-          ("The answer is 72.", "72"), ("\\boxed{71}", "72"), ("first \\boxed{5} then \\boxed{6}", "6"),
-          ("first \\boxed{6} then \\boxed{5}", "6"), ("\\boxed{\\$5}", "5")]
-
-
-@pytest.mark.parametrize("text,gold", GRADED)
-def test_math_verify_grader_is_math_verify_on_the_last_box(text, gold):
-    math_verify = pytest.importorskip("math_verify")
-    right, answer = opsd.grade(text, gold, "math-verify")
-    box = opsd.last_boxed(text)
-    want = box is not None and math_verify.verify(math_verify.parse(gold), math_verify.parse(f"\\boxed{{{box}}}"))
-    assert right == bool(want)
-    assert answer == (None if box is None else opsd.normalize(box))
-    assert opsd.grade(text, gold) == (opsd.extract_answer(text) == gold, opsd.extract_answer(text))  # lenient
-
-
-def test_math_verify_grader_cases():
-    pytest.importorskip("math_verify")
-    verdicts = [opsd.grade(t, g, "math-verify")[0] for t, g in GRADED]
-    assert verdicts == [True, True, True, False, False, True, False, True]       # no box: wrong; the last box counts
-    assert opsd.grade("The answer is 72.", "72")[0]                                # lenient takes it
-
-
 def test_eval_samples_and_grader_bad_input_before_any_model_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(opsd, "load_model", lambda *a, **k: pytest.fail("a model loaded"))
     assert opsd.main(["--preset", "smoke", "--eval-samples", "-2", "--output-dir", str(tmp_path / "a")]) == 2
     real = opsd.importlib.util.find_spec
     monkeypatch.setattr(opsd.importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a))
-    assert opsd.main(["--preset", "smoke", "--grader", "math-verify", "--output-dir", str(tmp_path / "b")]) == 2
+    assert opsd.main(["--preset", "smoke", "--output-dir", str(tmp_path / "b")]) == 2  # every grader reads with it
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 2 and "--eval-samples" in err[0] and "pip install math-verify" in err[1]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
