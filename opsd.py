@@ -910,7 +910,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
                 right, answer = grade(text, p["answer"], cfg.grader)
                 correct += right
-                texts[role].append((text, answer))
+                texts[role].append((text, answer[-1] if answer else None))
         result[f"{role}_correct"] = correct
         if cfg.eval_samples:
             with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):  # training's RNG untouched
@@ -930,7 +930,7 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
     prompt in one generate, about 2 x batch-size rows per call. Sums over the problems of
       avg_at_k  the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
       pass_at_k 1 if any of the K is right (pass@K >= avg@K)
-      distinct  the number of distinct final answers among the K, as math-verify read them (none is one)."""
+      distinct  the number of distinct values among the K final answers (value_key; none is one)."""
     K, gen = cfg.eval_samples, m.generation_config
     per_call = max(1, 2 * cfg.batch_size // K)
     sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
@@ -944,32 +944,42 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
                       for r in range(j * K, (j + 1) * K)]                                # problem j's K answers
             sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
             sums["pass_at_k"] += any(ok for ok, _ in graded)
-            sums["distinct"] += len({answer for _, answer in graded})
+            sums["distinct"] += len({value_key(answer) for _, answer in graded})
     return sums
 
 
-def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, str | None]:
-    """(right?, the final answer as math-verify read it, None when there is none) of one completion,
-    compared with the gold by math-verify, which reads 1,234 and 1234, 0.5 and \\frac{1}{2} as equal.
-    The gold is parsed inside \\boxed{}: bare, '1-\\sqrt{2}' reads as 1 (pitfall 14)."""
+def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, list]:
+    """(right?, the final answer as math-verify read it: [sympy expression, the string it read], [] for
+    none) of one completion, compared with the gold by math-verify, which reads 1,234 and 1234, 0.5 and
+    \\frac{1}{2} as equal. The gold is parsed inside \\boxed{}: bare, '1-\\sqrt{2}' reads as 1 (pitfall 14).
+    math-verify's timeouts use SIGALRM: grade in the main thread (every caller here does)."""
     from math_verify import parse, verify
     answer = final_answer(text, boxed_only=grader == "math-verify")
-    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer[-1] if answer else None
+    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
 
 
 def final_answer(text: str, boxed_only: bool = False) -> list:
-    """math-verify's reading of the final answer in a text: [sympy expression, the string it read], or
-    [] for none. The last \\boxed{} if there is one; else (--grader lenient) the last answer in the
-    text ('The answer is 1 + 5 = 6.' -> 6) or (boxed_only: --grader math-verify, the authors' rule)
-    none. math-verify reads '\\$18', '18 \\text{ dollars}', '8{,}000', '50\\%' as numbers and '1,2,3'
-    never as 123. Unicode minus signs become '-' first: math-verify skips U+2212, so '−7' would be
-    graded as 7, a sign error counted right."""
+    """math-verify's reading of the final answer in a text: the last \\boxed{} if there is one; else
+    (--grader lenient) the last answer in the text ('The answer is 1 + 5 = 6.' -> 6) or (boxed_only:
+    --grader math-verify, the authors' rule) none. math-verify reads '18 \\text{ dollars}', '50\\%',
+    'x = 5' and never '1,2,3' as 123; lists, tuples and words need a box. Three spellings it misses are
+    rewritten first: '\\$' (a currency sign) dropped, '8{,}000' as '8,000', and Unicode minus signs, or
+    a minus set apart from its number ('is - 7'), as '-7': else a sign error would be graded right."""
     from math_verify import parse
-    text = text.translate(MINUS_SIGNS)
+    text = text.translate(MINUS_SIGNS).replace("\\$", "").replace("{,}", ",")
+    text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)   # not a subtraction: no operand before it
     box = last_boxed(text)
     if box is None and boxed_only:
         return []
     return parse(text if box is None else f"\\boxed{{{box}}}")
+
+
+def value_key(answer: list) -> str | None:
+    """One key per value, to count distinct answers: 18, 18.0 and \\$18 are one answer; none is None."""
+    from sympy import nsimplify
+    if not answer:
+        return None
+    return str(nsimplify(answer[0]) if getattr(answer[0], "is_number", False) else answer[0])
 
 
 MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # minus, dashes, full-width

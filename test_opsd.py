@@ -437,7 +437,7 @@ def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
     for p in a:
         assert p["solution"].endswith(f"= {p['answer']}.")
         assert int(p["answer"]) >= 0
-        assert opsd.grade(p["solution"], p["answer"]) == (True, p["answer"])  # a worked solution reads as its answer
+        assert read(p["solution"], p["answer"]) == (True, p["answer"])  # a worked solution reads as its answer
         assert not opsd.grade(p["solution"], str(int(p["answer"]) + 1))[0]
     train, held_out = opsd.load_problems(opsd.Config(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
                                                      grad_accum=1))
@@ -464,7 +464,7 @@ def test_gsm8k_references_end_boxed_and_still_grade_to_the_gold_number():
         assert p["answer"] == gold
     for p in test:  # both graders read the reference's box as the number, thousands separators and all
         number = p["answer"].replace(",", "")
-        assert opsd.grade(p["solution"], number) == opsd.grade(p["solution"], number, "math-verify") == (True, p["answer"])
+        assert read(p["solution"], number) == read(p["solution"], number, "math-verify") == (True, p["answer"])
 
 
 def test_boxed_reference_rewrites_only_a_final_marker():
@@ -495,6 +495,11 @@ GRADES = [
     ("so the total is \\boxed{1,234}", "1234", "1,234", True, True),
     ("The answer is \u22127.", "-7", "-7", True, False),             # U+2212 minus; no box
     ("The answer is \u22127.", "7", "-7", False, False),             # a sign error stays wrong
+    ("The answer is \u2212 7.", "7", "-7", False, False),
+    ("The answer is - 7.", "-7", "-7", True, False),                # a minus set apart from its number
+    ("10 - 7 = 3", "3", "3", True, False),                          # a subtraction stays one
+    ("So she makes \\$18 every day.", "18", "18", True, False),     # a currency sign in prose
+    ("The answer is 8{,}000.", "8000", "8000", True, False),
     ("\\boxed{\u22127}", "-7", "-7", True, True),
     ("so the answer is \u20137", "-7", "-7", True, False),           # en dash as a minus
     ("\\boxed{50\\%}", "50", "50\\%", True, True),
@@ -521,10 +526,23 @@ GRADES = [
 ]
 
 
-@pytest.mark.parametrize("text,gold,read,lenient,boxed", GRADES)
-def test_both_graders_on_answers_models_write(text, gold, read, lenient, boxed):
-    assert opsd.grade(text, gold) == (lenient, read)
-    assert opsd.grade(text, gold, "math-verify") == (boxed, read if "\\boxed{" in text else None)
+def read(text, gold, grader="lenient"):
+    right, answer = opsd.grade(text, gold, grader)
+    return right, answer[-1] if answer else None
+
+
+@pytest.mark.parametrize("text,gold,answer,lenient,boxed", GRADES)
+def test_both_graders_on_answers_models_write(text, gold, answer, lenient, boxed):
+    assert read(text, gold) == (lenient, answer)
+    assert read(text, gold, "math-verify") == (boxed, answer if "\\boxed{" in text else None)
+
+
+def test_distinct_answers_count_values_not_spellings():
+    texts = ["\\boxed{18}", "\\boxed{18.0}", "\\boxed{\\$18}", "The answer is 18.", "He pays $18.00", "\\boxed{1,234}",
+             "The answer is 1234", "\\boxed{\\frac{3}{4}}", "so 0.75", "no answer", "still none", "The answer is -18."]
+    keys = [opsd.value_key(opsd.grade(t, "18")[1]) for t in texts]
+    assert keys[:5] == ["18"] * 5 and keys[5] == keys[6] == "1234" and keys[7] == keys[8] == "3/4"
+    assert keys[9] is keys[10] is None and keys[11] == "-18" and len(set(keys)) == 5
 
 
 # --- 1. config -----------------------------------------------------------------------------------
@@ -1515,7 +1533,7 @@ def test_problems_longer_than_the_context_are_skipped_not_the_run(tmp_path, caps
 def test_sampled_evaluation_counts_avg_pass_and_distinct_answers_from_one_generate_per_chunk(tiny, monkeypatch):
     """K answers per problem, K copies of each prompt in one generate: a fake rollout returns written
     answers, and the sums are those of the definitions (avg = right / K, pass = any right, distinct
-    normalised answers with "no answer" as one)."""
+    values (value_key) with "no answer" as one)."""
     model, tok = tiny
     K, answers = 3, {"4": ["The answer is 4.", "4", "so 5"], "7": ["none", "\\boxed{7}", "no idea"]}
     problems = [{"problem": f"p{g}", "answer": g, "student_ids": [int(g)] * 3} for g in answers]
