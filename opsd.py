@@ -165,38 +165,13 @@ class OPSDError(Exception):
 # -----------------------------------------------------------------------------------------------
 # 2. Models
 # -----------------------------------------------------------------------------------------------
-# Any hub id or local folder loads through AutoModelForCausalLM / AutoTokenizer (no remote code).
-# Qwen2.5-0.5B means the *instruct* model (deviation 5). The offline and random models are Part II's.
+# Where a model comes from (the hub, a folder, the offline SmolLM2, random weights) is Part II's
+# `load_model`; what both roles need of it, whatever its source, is here.
 
-MODEL_ALIASES = {
-    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
-    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
-    "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
-}
-
-
-def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
-    """Name -> (model in fp32, tokenizer); the caller moves and casts it (random: models are built
-    on `device` directly: a 7B model in fp32 does not fit a laptop). With vocab_of (a tokenizer),
-    refuses -- before loading any weights -- a model whose tokenizer differs from it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    if name == "tiny":
-        model, tok = build_tiny(seed)
-    elif name.startswith("random:"):
-        model, tok = build_random(name, seed, device)
-    elif name == "smollm2-135m":
-        model, tok = load_smollm2()
-    else:
-        repo = MODEL_ALIASES.get(name, name)
-        where = "local folder" if os.path.isdir(repo) else "hub"
-        try:
-            tok = AutoTokenizer.from_pretrained(repo)
-            check_vocab(tok, vocab_of, name)
-            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
-                            f"{str(e).splitlines()[0][:200]}") from None
-    check_vocab(tok, vocab_of, name)
+def prepare_model(model, tok, name: str):
+    """A loaded (model, tokenizer) made ready for both roles: a pad token, a chat template, a
+    generation config with nothing but the special ids, and no dropout. Returns them."""
+    from transformers import GenerationConfig
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # the completion mask is built from EOS, so pad == eos is safe
     if tok.chat_template is None:
@@ -221,13 +196,6 @@ def no_dropout(model) -> None:
                 setattr(obj, name, 0.0)
         if isinstance(obj, torch.nn.Dropout):
             obj.p = 0.0
-
-
-def check_vocab(tok, vocab_of, name: str) -> None:
-    """OPD: teacher and student must agree on what every token id means (pitfall 9)."""
-    if vocab_of is not None and tok.get_vocab() != vocab_of.get_vocab():
-        raise OPSDError(f"teacher model {name!r} uses a different tokenizer than the student "
-                        f"({len(tok)} vs {len(vocab_of)} tokens); OPD needs a shared vocabulary")
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -262,31 +230,7 @@ def trainable(model) -> list[torch.nn.Parameter]:
 # -----------------------------------------------------------------------------------------------
 # Every source becomes a list of records {"problem", "solution", "answer"}: the problem text, the
 # reference solution the teacher reads, and the gold final answer we grade against. The sources
-# themselves (the arithmetic generator, files, the hub) are Part II's.
-
-def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
-    when the source has one, otherwise a seeded 20% slice held out before training sees anything.
-    Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
-    if cfg.dataset == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
-        pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
-        if len(pool) < cfg.eval_size + cfg.batch_size:
-            raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
-                            f"problems; lower --eval-size or raise --arith-digits")
-        return pool[cfg.eval_size:], pool[:cfg.eval_size]
-    splits = read_dataset(cfg.dataset)
-    train = to_records(splits["train"] if "train" in splits else next(iter(splits.values())), cfg, cfg.dataset)
-    if "test" in splits:
-        held_out = to_records(splits["test"], cfg, cfg.dataset)
-    else:
-        random.Random(cfg.seed).shuffle(train)
-        n_eval = max(1, len(train) // 5)
-        train, held_out = train[n_eval:], train[:n_eval]
-    if not train or not held_out:
-        raise OPSDError(f"dataset {cfg.dataset!r} has too few usable problems ({len(train)} train, "
-                        f"{len(held_out)} held out)")
-    return train, held_out
-
+# themselves (the arithmetic generator, files, the hub) and `load_problems` are Part II's.
 
 def boxed_reference(solution: str) -> str:
     """GSM8K's last line '#### 72' -> '\\boxed{72}': the teacher then reads the reference in the format
@@ -441,6 +385,21 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     return completion, completion_mask(completion, eos_ids)
 
 
+@functools.cache
+def one_dtype_static_cache():
+    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32 model's
+    rotary embedding leaves the keys in fp32 while the values are bf16, and a static cache holds one
+    dtype per layer (transformers' own `cache_implementation="static"` fails there). The attention
+    casts both to bf16 anyway, so nothing is lost. A class made on first use: transformers is
+    imported lazily throughout this file."""
+    from transformers import StaticCache
+
+    class OneDtypeStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
+    return OneDtypeStaticCache
+
+
 def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """(B, C) bool: True up to and including the first EOS (pitfall 3: when pad == eos, masking
     'token == pad' would also drop the real EOS and the student would never learn to stop)."""
@@ -513,14 +472,17 @@ class Teacher:
 
     The fixed copy and an OPD model are bf16 on CUDA (`half`); the EMA stays fp32 (deviation 8)."""
 
-    def __init__(self, cfg: Config, student, student_tok=None, device=torch.device("cpu"), half=torch.float32):
+    def __init__(self, cfg: Config, student, opd=None, device=torch.device("cpu"), half=torch.float32):
+        """opd: the --teacher-model, loaded by the caller (Part II's load_model); None otherwise."""
         self.kind = "opd" if cfg.teacher_model else cfg.teacher
         self.frozen = self.kind in ("fixed", "opd")   # its weights never change: accuracy measured once
         self.decay, self.ema_adapter = cfg.ema_decay, None
         self.prompt = "student_ids" if self.kind == "opd" else "teacher_ids"   # which prompt the teacher reads
         self.pad_id = student.generation_config.pad_token_id
         if self.kind == "opd":
-            self.model, _ = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=student_tok, device=device)
+            if opd is None:
+                raise OPSDError(f"--teacher-model {cfg.teacher_model}: load it and pass it as Teacher(..., opd=model)")
+            self.model = opd
         elif self.kind == "current" or is_lora(student):
             self.model, self.own = student, False      # the student's module; `weights()` switches it
             if self.kind == "ema":
@@ -782,14 +744,48 @@ def _nll_chunk(x, y, m, W):
 # -----------------------------------------------------------------------------------------------
 # 8. Training loop
 # -----------------------------------------------------------------------------------------------
-# One optimizer step is `opsd_step`; Part II's driver calls it max_steps times and evaluates between.
+# One optimizer step is `opsd_step`; `train_loop` calls it max_steps times and evaluates between.
+# Under torchrun (Part II) several processes share the step; on one process these helpers do nothing:
+
+def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """The same list on every process, summed (or maxed) over the processes; as is, alone."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def unwrap(model):
+    """The model inside DDP's wrapper (generate, save, config); the model itself otherwise."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over the processes, in place (one process: as is)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def no_sync(student, last: bool):
+    """DDP synchronises gradients in every backward; skip that on all micro-batches but the last."""
+    if isinstance(student, torch.nn.parallel.DistributedDataParallel) and not last:
+        return student.no_sync()
+    return contextlib.nullcontext()
+
+
 
 def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
-              autocast=contextlib.nullcontext(), bucket: int = 1, timer: Timer | None = None) -> tuple[dict, list]:
+              autocast=contextlib.nullcontext(), bucket: int = 1, timer=None) -> tuple[dict, list]:
     """One optimizer step on `micro_batches` (lists of encoded problems; cfg.grad_accum of them in a
     run). Returns the step's metrics (under torchrun, over all processes) and its rollouts (problems,
     completion, mask, per-token loss). A non-finite loss or gradient is not applied; the caller stops."""
-    model, timer = unwrap(student), timer or Timer()
+    model, timer = unwrap(student), timer or (lambda phase: contextlib.nullcontext())  # a Timer in Part II
     gen, sft = model.generation_config, cfg.method == "sft"
     rollouts = []
     with timer("generate"):  # the whole step's rollouts first: N must be known before the first backward
@@ -841,6 +837,26 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
             "truncated_frac": cut_sum / n_rollouts, "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
             "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n,
             "mass_outside_sampler": None if sft else outside / n}, rollouts
+
+def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[list[dict]], evaluate, log_step,
+               first: int = 1, autocast=contextlib.nullcontext(), bucket: int = 1, end_step=None, timer=None):
+    """Steps first .. cfg.max_steps of opsd_step. plan: every step's micro-batches in order, step s
+    taking plan[(s - 1) * grad_accum : s * grad_accum]. Calls evaluate(step) at step 0 (unless
+    resumed) and every cfg.eval_every steps and at the last; log_step(step, metrics, rollouts, timer)
+    after each step. Part II passes in what a real run adds: end_step(step, evaluated) for checkpoints
+    and signals, and timer(), a fresh Timer per step."""
+    if first == 1:
+        evaluate(0)                                             # the initial weights: the baseline
+    for step in range(first, cfg.max_steps + 1):
+        micro_batches = plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]   # grad_accum lists of problems
+        t = timer() if timer else None
+        metrics, rollouts = opsd_step(cfg, student, teacher, optimizer, micro_batches, autocast, bucket, t)
+        log_step(step, metrics, rollouts, t)
+        scheduled = step == cfg.max_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        if scheduled:
+            evaluate(step)
+        if end_step:
+            end_step(step, scheduled)
 
 
 @torch.no_grad()
@@ -1112,7 +1128,48 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise OPSDError(f"--device {name!r} is not a device torch knows (try auto, cpu or cuda)") from None
-# --- Model sources: the offline SmolLM2, the tiny random model, random Qwen2.5 shapes --------------
+# --- Model sources: the hub or a folder, the offline SmolLM2, the tiny random model, random Qwen2.5 shapes
+# Any hub id or local folder loads through AutoModelForCausalLM / AutoTokenizer (no remote code).
+# Qwen2.5-0.5B means the *instruct* model (deviation 5).
+
+MODEL_ALIASES = {
+    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+}
+
+
+def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
+    """Name -> (model in fp32, tokenizer); the caller moves and casts it (random: models are built
+    on `device` directly: a 7B model in fp32 does not fit a laptop). With vocab_of (a tokenizer),
+    refuses -- before loading any weights -- a model whose tokenizer differs from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "tiny":
+        model, tok = build_tiny(seed)
+    elif name.startswith("random:"):
+        model, tok = build_random(name, seed, device)
+    elif name == "smollm2-135m":
+        model, tok = load_smollm2()
+    else:
+        repo = MODEL_ALIASES.get(name, name)
+        where = "local folder" if os.path.isdir(repo) else "hub"
+        try:
+            tok = AutoTokenizer.from_pretrained(repo)
+            check_vocab(tok, vocab_of, name)
+            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
+                            f"{str(e).splitlines()[0][:200]}") from None
+    check_vocab(tok, vocab_of, name)
+    return prepare_model(model, tok, name)
+
+
+def check_vocab(tok, vocab_of, name: str) -> None:
+    """OPD: teacher and student must agree on what every token id means (pitfall 9)."""
+    if vocab_of is not None and tok.get_vocab() != vocab_of.get_vocab():
+        raise OPSDError(f"teacher model {name!r} uses a different tokenizer than the student "
+                        f"({len(tok)} vs {len(vocab_of)} tokens); OPD needs a shared vocabulary")
+
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -1244,6 +1301,30 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
 ARITH_POOL = 2000  # training problems the arithmetic generator makes (the laptop run draws 320)
 
 
+def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+    """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
+    when the source has one, otherwise a seeded 20% slice held out before training sees anything.
+    Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
+    if cfg.dataset == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
+        pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
+        if len(pool) < cfg.eval_size + cfg.batch_size:
+            raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
+                            f"problems; lower --eval-size or raise --arith-digits")
+        return pool[cfg.eval_size:], pool[:cfg.eval_size]
+    splits = read_dataset(cfg.dataset)
+    train = to_records(splits["train"] if "train" in splits else next(iter(splits.values())), cfg, cfg.dataset)
+    if "test" in splits:
+        held_out = to_records(splits["test"], cfg, cfg.dataset)
+    else:
+        random.Random(cfg.seed).shuffle(train)
+        n_eval = max(1, len(train) // 5)
+        train, held_out = train[n_eval:], train[:n_eval]
+    if not train or not held_out:
+        raise OPSDError(f"dataset {cfg.dataset!r} has too few usable problems ({len(train)} train, "
+                        f"{len(held_out)} held out)")
+    return train, held_out
+
+
 def read_dataset(name: str):
     """'gsm8k', a hub id, a local .jsonl/.json/.parquet file, or a folder with train.* (and test.*)
     -> datasets' splits. Anything that cannot be read is one OPSDError line."""
@@ -1291,22 +1372,6 @@ def compute_dtype(device, say=print) -> torch.dtype:
 
 
 
-@functools.cache
-def one_dtype_static_cache():
-    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32 model's
-    rotary embedding leaves the keys in fp32 while the values are bf16, and a static cache holds one
-    dtype per layer (transformers' own `cache_implementation="static"` fails there). The attention
-    casts both to bf16 anyway, so nothing is lost. A class made on first use: transformers is
-    imported lazily throughout this file."""
-    from transformers import StaticCache
-
-    class OneDtypeStaticCache(StaticCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
-    return OneDtypeStaticCache
-
-
-
 # --- Several processes: torchrun and DDP ----------------------------------------------------------
 # `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (for the tests, once per CPU
 # process with gloo), and PyTorch's DistributedDataParallel (DDP) averages the gradients; `python
@@ -1335,38 +1400,6 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    """The same list on every process, summed (or maxed) over the processes; as is, alone."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def unwrap(model):
-    """The model inside DDP's wrapper (generate, save, config); the model itself otherwise."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def global_sum(t: torch.Tensor) -> torch.Tensor:
-    """A tensor summed over the processes, in place (one process: as is)."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def no_sync(student, last: bool):
-    """DDP synchronises gradients in every backward; skip that on all micro-batches but the last."""
-    if isinstance(student, torch.nn.parallel.DistributedDataParallel) and not last:
-        return student.no_sync()
-    return contextlib.nullcontext()
 
 
 def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
@@ -1757,20 +1790,24 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
 
 def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
-    """Steps run.first .. max_steps of opsd_step; every --eval-every steps an evaluation and a step checkpoint."""
+    """Section 8's train_loop, with what a real run adds around each step: the progress bar, the
+    metrics line with seconds and memory, a stop on a non-finite step or a signal (Ctrl-C finishes the
+    step and writes a checkpoint), the step checkpoints; then the final checkpoint."""
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     cfg = run.cfg
     if run.first > 1:
         run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
-    elif run.eval_set:
-        run_eval(run, 0)
-    bar = tqdm(range(run.first, cfg.max_steps + 1), desc="opsd", disable=not progress, dynamic_ncols=True,
-               initial=run.first - 1, total=cfg.max_steps)
-    stop.install()  # from here on, Ctrl-C finishes the step and writes a checkpoint
-    for step in bar:
-        timer = Timer(run.device)
-        micro = [[run.encoded[i] for i in m] for m in run.plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]]
-        line, rollouts = opsd_step(cfg, run.student, run.teacher, run.optimizer, micro, run.autocast, run.bucket, timer)
+        stop.install()
+    bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress, dynamic_ncols=True)
+    shown = {}  # what the bar shows after each step
+
+    def evaluate(step):
+        if run.eval_set:
+            run_eval(run, step)
+        if step == 0:
+            stop.install()  # from here on, Ctrl-C finishes the step and writes a checkpoint
+
+    def log_step(step, line, rollouts, timer):
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
             def keep_last_good():  # the weights after step - 1: the update of this step was never applied
                 save_checkpoint(run.model, run.tok, run.out_dir)
@@ -1785,21 +1822,26 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         log(run.metrics, line)
         if step == 1 and run.bucket > 1 and run.rank == 0:
             tqdm.write(f"step 1 rollouts: {line['sec_generate']:.1f} s, including the one-time compile of the decoder")
-        scheduled = step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-        if run.eval_set and scheduled:
-            run_eval(run, step)
-        div = "-" if line["divergence"] is None else f"{line['divergence']:.3f}"
+        shown.update(loss=f"{line['loss']:.4f}", H=f"{line['entropy_student']:.2f}", len=f"{line['completion_len']:.0f}",
+                     div="-" if line["divergence"] is None else f"{line['divergence']:.3f}")
+
+    def end_step(step, evaluated):
         acc = f"{run.last_eval['student_acc']:.2f}/{run.last_eval['teacher_acc']:.2f}" if run.last_eval else "-"
-        bar.set_postfix(loss=f"{line['loss']:.4f}", div=div, H=f"{line['entropy_student']:.2f}",
-                        len=f"{line['completion_len']:.0f}", acc=acc)
+        bar.set_postfix(**shown, acc=acc, refresh=False)
+        bar.update(1)
         stopping = all_reduce([float(stop.signum is not None)], run.device, op="max")[0] > 0  # all stop together
-        if scheduled or stopping:
+        if evaluated or stopping:
             save_step(run, step)
         if stopping and step < cfg.max_steps:
             bar.close()
             if run.rank == 0:
                 run.metrics.close()
             raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
+
+    plan = [[run.encoded[i] for i in micro] for micro in run.plan]
+    train_loop(cfg, run.student, run.teacher, run.optimizer, plan, evaluate, log_step, run.first, run.autocast,
+               run.bucket, end_step, timer=lambda: Timer(run.device))
+    bar.close()
     check_replicas(run.model, run.device)
     def finish():  # checkpoint/: the last step checkpoint's weights, linked, not written a second time
         run.metrics.close()
@@ -1846,7 +1888,8 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     eval_set = [r for r in eval_set if r is not None]
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model  # DDP: every process now holds rank 0's weights
-    teacher = Teacher(cfg, model, tok, device, half)  # built after DDP's broadcast
+    opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
+    teacher = Teacher(cfg, model, opd, device, half)  # built after DDP's broadcast
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
               optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' 0 (torch: 0.01)
               autocast=torch.autocast(device.type, dtype=half, enabled=half != torch.float32),  # CPU: off

@@ -631,7 +631,7 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
     update is -lr times that mean's gradient (SGD, no clip); the EMA teacher then moves by 1 - decay."""
     cfg, model, tok, problems = step_setup(teacher="ema", ema_decay=0.5, grad_accum=2)
     initial = copy.deepcopy(model)
-    teacher = opsd.Teacher(cfg, model, tok)
+    teacher = opsd.Teacher(cfg, model)
     torch.manual_seed(0)
     metrics, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.1),
                                        [problems[:2], problems[2:]])
@@ -665,7 +665,7 @@ def test_a_non_finite_step_is_not_applied(monkeypatch):
     before = [p.detach().clone() for p in model.parameters()]
     real = opsd.token_divergence
     monkeypatch.setattr(opsd, "token_divergence", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1] * math.nan))
-    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=1.0),
+    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=1.0),
                                 [problems[:2]])
     assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
     assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
@@ -673,14 +673,14 @@ def test_a_non_finite_step_is_not_applied(monkeypatch):
 
 def test_sft_trains_on_the_reference_and_opd_reads_the_students_prompt(tiny):
     cfg, model, tok, problems = step_setup(method="sft")
-    metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok),
+    metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model),
                                        torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
     for p, row, m in zip(problems, rollouts[0]["comp"], rollouts[0]["c_mask"]):
         assert row[m].tolist() == p["reference_ids"]              # the reference in place of the rollout
     assert metrics["divergence"] is None and metrics["loss"] > 0
-    opd = opsd.Teacher(opsd.Config(teacher_model="tiny"), model, tok)
+    opd = opsd.Teacher(opsd.Config(teacher_model="tiny"), model, opsd.load_model("tiny", seed=1, vocab_of=tok)[0])
     assert opd.kind == "opd" and opd.own and opd.frozen and opd.prompt == "student_ids"
-    assert opsd.Teacher(opsd.Config(), model, tok).prompt == "teacher_ids"
+    assert opsd.Teacher(opsd.Config(), model).prompt == "teacher_ids"
     comp, c_mask = torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.bool)
     want = opsd.completion_hidden(opd.model, *opsd.left_pad([p["student_ids"] for p in problems[:2]], tok.pad_token_id),
                                   comp, c_mask)
@@ -720,7 +720,7 @@ def test_under_bf16_autocast_no_vocabulary_tensor_is_bf16_and_the_loss_is_the_fl
     random model (OPD), so that the divergence is large, and both final norms are scaled so that the
     logits spread over about +-10, as a trained model's do: bf16 would round them by up to 0.03."""
     cfg, model, tok, problems = step_setup(teacher_model="tiny")
-    teacher = opsd.Teacher(cfg, model, tok)
+    teacher = opsd.Teacher(cfg, model)
     with torch.no_grad():
         for m in (model, teacher.model):
             m.model.norm.weight.mul_(10.0)
@@ -746,7 +746,7 @@ def test_a_step_never_makes_a_tensor_of_every_position_over_the_vocabulary(monke
     chunk of positions; the (B, C, V) logits of either role never exist. (The head's gradient, (H, V)
     before it is transposed into W's (V, H), is the size of the weight: it is not a tensor of positions.)"""
     cfg, model, tok, problems = step_setup()
-    teacher = opsd.Teacher(cfg, model, tok)
+    teacher = opsd.Teacher(cfg, model)
     fixed_rollouts(cfg, model, problems, monkeypatch)
     V, chunk = model.config.vocab_size, 4
     monkeypatch.setattr(opsd, "CHUNK", chunk * V)
@@ -792,7 +792,7 @@ def test_dropout_is_off_so_a_model_distilled_from_itself_has_zero_divergence(tmp
     problems = opsd.encode_problems(tok, opsd.make_arithmetic(4, seed=3), cfg, None)
     problems = [{**p, "teacher_ids": p["student_ids"]} for p in problems]   # the student's own prompt
     torch.manual_seed(0)
-    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=0.0),
+    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0),
                                 [problems])
     assert metrics["divergence"] == 0.0 and metrics["loss"] == 0.0
 
@@ -868,7 +868,7 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
 def test_lora_holds_no_teacher_copy():
     model, tok = lora_tiny()
     for teacher in ("fixed", "current", "ema"):
-        t = opsd.Teacher(opsd.Config(teacher=teacher, lora_rank=4), model, tok, torch.device("cpu"))
+        t = opsd.Teacher(opsd.Config(teacher=teacher, lora_rank=4), model, None, torch.device("cpu"))
         assert t.model is model
         storages = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in t.model.parameters()}
         assert len(storages) == len(list(model.parameters()))
@@ -899,7 +899,7 @@ def test_lora_ema_teacher_is_its_own_model_inside_an_autocast_region_the_student
     EMA swap exchanges storages under the same objects. Student then teacher in one region (as
     `evaluate` runs them) must still give the teacher's logits, not the student's cached ones."""
     model, tok = lora_tiny()
-    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4), model, tok)
+    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4), model)
     batch = nudge(model, lr=0.2)                            # the student's adapter moves; the EMA's does not
     model.eval()
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -1003,7 +1003,7 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     cfg = opsd.Config(batch_size=2, max_new_tokens=4)
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
     full = sum(p.numel() for p in model.parameters()) * 4  # bytes, fp32
-    copy_ = opsd.Teacher(cfg, model, tok, torch.device("cpu"))
+    copy_ = opsd.Teacher(cfg, model, None, torch.device("cpu"))
     a = opsd.memory_arithmetic(cfg, model, copy_, records)
     assert a["student weights"] == a["gradients"] == full == a["teacher weights"]
     assert a["AdamW states (2 per trained weight)"] == 2 * full
@@ -1590,7 +1590,7 @@ def test_top_k_and_top_p_reach_generate_and_the_rollout_stays_in_the_kept_set(ti
     real = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: seen.append((kw["top_p"], kw["top_k"])) or real(**kw))
     cfg, _, _, problems = step_setup(top_p=0.9, top_k=5)
-    opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok), torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+    opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
     assert seen == [(0.9, 5)]
 
 
@@ -1603,7 +1603,7 @@ def test_mass_outside_the_sampler_is_zero_by_default_and_the_top_k_tail_with_top
         cfg, model, tok, problems = step_setup(top_k=top_k)
         kept.clear()
         torch.manual_seed(0)
-        metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model, tok),
+        metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model),
                                            torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
         if top_k == 0:
             assert metrics["mass_outside_sampler"] == 0.0
@@ -1828,3 +1828,45 @@ def test_smollm2_loads_offline_and_its_copy_saves(tmp_path):
     x = torch.tensor([opsd.encode_chat(tok, "Problem: 2 + 3")])
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model(x).logits)
+
+
+# --- issue 22: Part I holds the method, loop included, and calls nothing defined after it ---------
+
+def test_part_one_calls_nothing_defined_in_part_two():
+    """A reader who stops at the end of section 10 has met every name Part I uses."""
+    import ast
+    src = (HERE / "opsd.py").read_text()
+    cut = src.index("\n# Part II: ")
+    part_one_end = src[:cut].count("\n") + 1
+    tree = ast.parse(src)
+    defined_after = {}
+    for node in tree.body:
+        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for name in targets:
+            if node.lineno > part_one_end:
+                defined_after[name] = node.lineno
+    used = {(sub.id, sub.lineno) for node in tree.body if node.lineno < part_one_end
+            for sub in ast.walk(node) if isinstance(sub, ast.Name) and sub.id in defined_after}
+    assert not used, f"Part I uses names defined in Part II: {sorted(used)}"
+    assert {"train_loop", "opsd_step", "all_reduce", "global_sum", "no_sync", "unwrap"} <= \
+        {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.lineno < part_one_end}
+
+
+def test_the_loop_of_part_one_steps_through_the_plan_and_evaluates_on_schedule(tiny, monkeypatch):
+    """train_loop: step s runs opsd_step on plan[(s-1)*A : s*A]; evaluate at step 0, every
+    eval_every steps and at the last; log_step after every step, before that step's evaluation;
+    a resumed loop (first > 1) does not evaluate step 0."""
+    cfg = opsd.Config(max_steps=5, eval_every=2, grad_accum=2)
+    plan = [[{"i": i}] for i in range(10)]
+    seen, events = [], []
+    monkeypatch.setattr(opsd, "opsd_step", lambda cfg, s, t, o, micro, *a: (seen.append(micro) or ({"m": 1}, ["r"])))
+    opsd.train_loop(cfg, None, None, None, plan, lambda step: events.append(("eval", step)),
+                    lambda step, m, r, t: events.append(("log", step)), end_step=lambda s, e: events.append(("end", s, e)))
+    assert seen == [plan[0:2], plan[2:4], plan[4:6], plan[6:8], plan[8:10]]
+    assert events == [("eval", 0), ("log", 1), ("end", 1, False), ("log", 2), ("eval", 2), ("end", 2, True),
+                      ("log", 3), ("end", 3, False), ("log", 4), ("eval", 4), ("end", 4, True),
+                      ("log", 5), ("eval", 5), ("end", 5, True)]
+    seen.clear(), events.clear()
+    opsd.train_loop(cfg, None, None, None, plan, lambda step: events.append(step), lambda *a: None, first=4)
+    assert seen == [plan[6:8], plan[8:10]] and events == [4, 5]
