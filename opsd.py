@@ -28,7 +28,8 @@ where the file avoids them; the README's table says where each is handled.
     positions only, a chunk at a time.
  7. Sampling vs scoring: top-k/top-p rollouts come from a truncated distribution the loss does not
     score; T 1.0 without truncation is exactly on-policy, and both roles' logits are divided by T.
- 8. F.kl_div's arguments are swapped relative to the math: KL(p || q) = kl_div(log q, log p).
+ 8. F.kl_div's arguments are swapped relative to the math:
+    KL(p || q) = kl_div(log q, log p, log_target=True).
  9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
 10. Sampling in train mode with gradient checkpointing turns the KV cache off: sample in eval mode.
 11. bf16 logits round a logit near 20 to a multiple of 0.125, the size of the per-token KL near
@@ -42,7 +43,8 @@ where the file avoids them; the README's table says where each is handled.
 Deliberate deviations from the authors' final recipe, whose other settings are the defaults
 (forward KL, fixed teacher, lr 5e-6, AdamW without weight decay, grad norm 0.1, effective batch
 32); the README gives the measured evidence:
- 1. Full fine-tuning by default; LoRA (r 64, alpha 128: the authors') with --lora-rank.
+ 1. Full fine-tuning by default (fewer moving parts to read; the fixed teacher is then a frozen
+    copy, not the adapter switched off); LoRA (r 64, alpha 128: the authors') with --lora-rank.
  2. T 1.0 without top-k/top-p (the authors: T 1.1, top-p 0.95, top-k 20): the loss scores the
     rollouts' own distribution (pitfall 7); with --top-p/--top-k the step logs mass_outside_sampler.
  3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short.
@@ -57,7 +59,8 @@ Deliberate deviations from the authors' final recipe, whose other settings are t
  8. The EMA teacher stays fp32 on CUDA (bf16 would round its small updates away); the frozen
     teachers (the fixed copy, an OPD model) are bf16 there.
  9. Every dropout is off (pitfall 12).
-10. No clip by default (--clip none): on the laptop task the authors' clip slowed learning.
+10. No clip by default: on the laptop task the authors' clip (--clip pointwise) slowed learning
+    (README: the --clip flag; notebook exercise 5).
 11. fp32 logits in the loss, where the authors' trainer computes bf16 ones (pitfall 11).
 
 Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
@@ -415,7 +418,7 @@ def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: f
     """Prompts (token ids) -> completions (B, C) and their mask (B, C): left-pad, then sample.
     temperature=None is greedy. bucket > 1 (CUDA): prompts padded to a multiple of it, rolled out
     with a static KV cache. gen: whose EOS ids and pad id to use (default: the model's own)."""
-    gen = gen or model.generation_config  # load_model keeps only the special ids there
+    gen = gen or model.generation_config  # prepare_model keeps only the special ids there
     ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)  # (B, P)
     return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id,
                   gen.pad_token_id, bucket > 1, top_p, top_k)
@@ -1272,7 +1275,8 @@ def qwen25_config(name: str):
 
 
 def build_random(name: str, seed: int, device):
-    """The tiny model's tokenizer: its few hundred ids are valid in every Qwen vocabulary."""
+    """A published Qwen2.5 shape with random weights, for measuring only, and the tiny model's
+    tokenizer: its few hundred ids are valid in every Qwen vocabulary."""
     from transformers import Qwen2ForCausalLM
     _, tok = build_tiny(seed)
     config = qwen25_config(name.removeprefix("random:"))
@@ -1828,17 +1832,19 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     """train_loop, plus the progress bar, timings, stops and checkpoints."""
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     cfg = run.cfg
-    if run.first > 1:
-        run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
+    bar, shown = None, {}
+
+    def start():  # after the step-0 evaluation: Ctrl-C now finishes the step and writes a checkpoint
+        nonlocal bar
         stop.install()
-    bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress, dynamic_ncols=True)
-    shown = {}
+        bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress,
+                   dynamic_ncols=True)
 
     def evaluate(step):
         if run.eval_set:
             run_eval(run, step)
         if step == 0:
-            stop.install()  # from here on, Ctrl-C finishes the step and writes a checkpoint
+            start()
 
     def log_step(step, line, rollouts, timer):
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
@@ -1871,11 +1877,15 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
             raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
 
     plan = [[run.encoded[i] for i in micro] for micro in run.plan]
+    if run.first > 1:
+        run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
+        start()
     try:
         train_loop(cfg, run.student, run.teacher, run.optimizer, plan, evaluate, log_step, run.first,
                    run.autocast, run.bucket, end_step, timer=lambda: Timer(run.device))
     finally:
-        bar.close()  # before any error's line
+        if bar is not None:
+            bar.close()  # before any error's line
     check_replicas(run.model, run.device)
     def finish():
         run.metrics.close()

@@ -1816,7 +1816,7 @@ def test_the_committed_notebook_shows_the_outputs_of_a_full_run_of_this_opsd_py(
     assert first.startswith("full mode"), first[:200]
     assert hashlib.sha256((HERE / "opsd.py").read_bytes()).hexdigest()[:16] in first, "run the notebook again"
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-    figures = [c for c in code if "display(fig)" in c.source]
+    figures = [c for c in code if re.search(r"^display\(fig\)", c.source, flags=re.M)]
     assert len(figures) >= 8
     for c in figures:
         assert any("image/png" in o.get("data", {}) for o in c.outputs), c.source[:80]
