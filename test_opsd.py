@@ -262,11 +262,27 @@ def test_pointwise_clip_gradient_has_the_derived_sign():
     torch.testing.assert_close(s.grad[0, 0], torch.tensor([.4 * .2, -.1 + .3 * .2, -.1 + .3 * .2]))
 
 
-def test_three_token_descent_ends_where_the_clip_sends_it():
+def notebook_function(name: str):
+    """A function the notebook defines in one of its cells (with torch and opsd in scope)."""
+    import ast
+    cells = json.loads((Path(__file__).parent / "walkthrough.ipynb").read_text())["cells"]
+    for cell in cells:
+        src = "".join(cell["source"])
+        if cell["cell_type"] == "code" and f"def {name}(" in src:
+            tree = ast.parse("\n".join(l for l in src.splitlines() if not l.startswith("%")))
+            node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+            scope = {"torch": torch, "opsd": opsd}
+            exec(compile(ast.Module([node], []), "walkthrough.ipynb", "exec"), scope)
+            return scope[name]
+    raise AssertionError(f"the notebook defines no {name}")
+
+
+def test_three_token_descent_in_the_notebook_ends_where_the_clip_sends_it():
+    descend_on_logits = notebook_function("descend_on_logits")
     pt, ps = (.8, .1, .1), (.4, .3, .3)
-    none = opsd.descend_on_logits(pt, ps, clip="none")
-    pointwise = opsd.descend_on_logits(pt, ps, clip="pointwise")
-    token = opsd.descend_on_logits(pt, ps, clip="token")
+    none = descend_on_logits(pt, ps, clip="none")
+    pointwise = descend_on_logits(pt, ps, clip="pointwise")
+    token = descend_on_logits(pt, ps, clip="token")
     assert none.shape == (201, 3)
     torch.testing.assert_close(none[-1], torch.tensor(pt), atol=2e-3, rtol=0)
     assert pointwise[-1][0] < 0.03 and abs(pointwise[-1][1] - 0.49) < 0.01  # the teacher's favourite is pushed out
