@@ -27,7 +27,8 @@ the README's table says where each is handled.
  6. Logit memory: a (C, V) fp32 tensor per sequence is large (V = 151,936): logits at completion
     positions only, a chunk at a time.
  7. Sampling vs scoring: top-k/top-p rollouts come from a truncated distribution the loss does not
-    score; T 1.0 without truncation is exactly on-policy, and both roles' logits are divided by T.
+    score; T 1.0 without truncation is on-policy, and both roles' logits are divided by T. On CUDA
+    the sampler reads bf16 logits, the loss fp32 ones: KL 4e-4 per token apart (README).
  8. F.kl_div's arguments are swapped relative to the math:
     KL(p || q) = kl_div(log q, log p, log_target=True).
  9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
@@ -39,6 +40,10 @@ the README's table says where each is handled.
 13. Evaluation decoding: named beside every sampled number (the authors: T 1.0, top-p 0.95, K 12).
 14. Grading: hand-written parsers miss \\$18, 8{,}000, Unicode minus signs; math-verify reads a
     bare gold '1-\\sqrt{2}' as 1, so the gold goes inside \\boxed{}.
+16. Casting a module casts its buffers: model.to(bf16) rounds the rotary frequencies, which a bf16
+    load keeps fp32, and the roles place tokens at other angles: cast the parameters only.
+17. copy.deepcopy of a model that decoded compiled shares its compiled forward (`_compiled_call`):
+    the copy would decode with the original's weights. Drop it from the copy.
 
 Deliberate deviations from the authors' final recipe, whose other settings are the defaults
 (forward KL, fixed teacher, lr 5e-6, AdamW without weight decay, grad norm 0.1, effective batch
@@ -430,8 +435,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: flo
            top_k: int = 0) -> tuple[torch.Tensor, ...]:
     """Rollouts from left-padded prompts: completion ids (B, C), C <= max_new_tokens, and the
     completion mask (B, C). static_cache: a preallocated KV cache, for which transformers compiles
-    the decoder on CUDA; the first call with a new shape pays the compile (tens of seconds), later
-    calls reuse the graph."""
+    the decoder on CUDA (and in a rehearsal); the first call with a new shape pays the compile (tens
+    of seconds), later calls reuse the graph."""
     was_training = model.training
     model.eval()  # pitfall 10: train mode with gradient checkpointing drops the KV cache
     # p_S at T; with top_k/top_p, renormalised on the k likeliest tokens, then on the smallest set
@@ -540,7 +545,7 @@ class Teacher:
       ema      an fp32 copy of the whole model       an fp32 copy of the adapter        EMA
       opd      a separate model (--teacher-model) that reads the *student's* prompt     none
 
-    `half` is the frozen teachers' dtype on CUDA (deviation 8)."""
+    `half` is the frozen teachers' dtype (bf16 on CUDA: deviation 8)."""
 
     def __init__(self, cfg: Config, student, opd=None, device=torch.device("cpu"),
                  half=torch.float32):
@@ -561,11 +566,10 @@ class Teacher:
                 self.ema_adapter = [p.detach().clone() for p in trainable(student)]
             return
         else:
-            self.model = copy.deepcopy(student)
+            self.model = copy_model(student)
         self.own = True
-        keep_fp32 = device.type != "cuda" or self.kind == "ema"
-        self.model.requires_grad_(False).eval().to(device=device,
-                                                   dtype=torch.float32 if keep_fp32 else half)
+        self.model.requires_grad_(False).eval().to(device)
+        cast_weights(self.model, torch.float32 if self.kind == "ema" else half)
 
     @contextlib.contextmanager
     def weights(self):
@@ -629,6 +633,23 @@ class Teacher:
             self.model.load_state_dict(state)
 
 
+def cast_weights(model, dtype):
+    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
+    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def copy_model(model, memo=None):
+    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
+    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        m.__dict__.pop("_compiled_call", None)
+    return clone
+
+
 def _swap(params, tensors) -> None:
     for p, t in zip(params, tensors):
         p.data, t.data = t.data, p.data
@@ -640,7 +661,7 @@ def _swap(params, tensors) -> None:
 
 def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="none",
                      clip_tau=0.05, top_k=None, temperature=1.0, sampled_tokens=None, heads=None,
-                     chunk_size=None):
+                     chunk_size=None, weight=None):
     """Per-token divergence between teacher and student over the completion. At position n, over the
     vocabulary v, with p_T = softmax(teacher / T) and p_S = softmax(student / T):
 
@@ -654,10 +675,10 @@ def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="
     student (B, C, V) logits with gradients and teacher (B, C, V') logits; or, with heads =
     (W_S, W_T), the roles' final hidden states (B, C, H), (B, C, H') and LM heads (V, H), (V', H').
     Both are cut to the shared first min(V, V') entries.
-    mask (B, C) bool. Returns (loss, per_token): per_token (B, C) fp32, 0 where masked, and loss
-    its mean over the True entries. Gradients reach the student's side only, never the teacher's,
-    even when the two share a head (--teacher current). sampled_token ignores clip and top_k: it
-    has no vocabulary terms."""
+    mask (B, C) bool. Returns (loss, per_token): per_token (B, C) fp32, 0 where masked, without
+    gradient, and loss `weight` times its sum (default: its mean over the True entries), whose
+    gradient reaches the student's side only, never the teacher's, even when the two share a head
+    (--teacher current). sampled_token ignores clip and top_k: it has no vocabulary terms."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
     if loss == "sampled_token" and sampled_tokens is None:
@@ -671,16 +692,19 @@ def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="
         s, t, W_s, W_t = student, teacher.detach(), heads[0][:V], heads[1][:V].detach()
     y = (sampled_tokens if sampled_tokens is not None
          else torch.zeros(B, C, dtype=torch.long, device=s.device))
-    per_token = over_positions(_divergence_chunk, (s, t, y, mask),
-                               (W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature),
-                               chunk_size or chunk_for(s, W_s))
-    return per_token.sum() / mask.sum().clamp(min=1), per_token
+    args = (_divergence_chunk, (s, t, y, mask), (W_s, W_t, loss, beta, clip, clip_tau, top_k,
+                                                  temperature), chunk_size or chunk_for(s, W_s))
+    if not torch.is_grad_enabled() or not (s.requires_grad or W_s is not None
+                                           and W_s.requires_grad):
+        per_token = over_positions(*args)
+        return per_token.sum() / mask.sum().clamp(min=1), per_token
+    return over_positions(*args, weight=1.0 / mask.sum().clamp(min=1) if weight is None else weight)
 
 
 # Pitfall 11, measured: emulated at V = 8,192 with both roles' logits rounded to bf16, the
 # gradient's relative error was 6% / 15% / 68% at a KL of 0.30 / 0.03 / 0.003 nats per token. So
-# `head_logits` applies the head in fp32, one chunk of positions at a time, again in the backward
-# pass (Liger-Kernel's fused linear JSD made the same fix): bf16 logits never exist.
+# `head_logits` applies the head in fp32, one chunk of positions at a time, and the chunk's gradient
+# is taken at once (Liger-Kernel's fused linear JSD made the same fix): bf16 logits never exist.
 CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
 
 
@@ -698,21 +722,49 @@ def chunk_for(x, W=None) -> int:
     return max(1, CHUNK // (len(W) if W is not None else x.shape[-1]))
 
 
-def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
+def over_positions(fn, per_position: tuple, rest: tuple, chunk: int, weight=None):
     """(B, C) fp32: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk` of
-    the B * C positions, flattened (copied unless contiguous). When a gradient is needed, each
-    chunk is recomputed in the backward pass, so that its (n, V) logits never outlive it
-    (pitfall 6)."""
+    the B * C positions, flattened (copied unless contiguous). With a weight w (0-dim tensor):
+    (w * their sum, the values), whose backward gives the gradient of per_position[0] and rest[0]
+    (the student's hidden states and head), computed in the forward pass a chunk at a time: each
+    chunk's (n, V) logits exist once (pitfall 6), and nothing is recomputed in the backward."""
     B, C = per_position[0].shape[:2]
     flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
-    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                           for x in flat + list(rest))
-    pieces = []
-    for i in range(0, B * C, chunk):
-        args = [x[i:i + chunk] for x in flat] + list(rest)
-        pieces.append(torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if grad
-                      else fn(*args))
-    return torch.cat(pieces).view(B, C)
+    if weight is None:
+        return torch.cat([fn(*(x[i:i + chunk] for x in flat), *rest)
+                          for i in range(0, B * C, chunk)]).view(B, C)
+    loss, values = GradInForward.apply(weight, chunk, fn, flat[0], rest[0], flat[1:], rest[1:])
+    return loss, values.view(B, C)
+
+
+class GradInForward(torch.autograd.Function):
+    """over_positions with a weight: the chunks' gradient d(w * sum)/d(x, W) is taken in the forward
+    pass, kept (the size of x and W), and handed to autograd by the backward."""
+
+    @staticmethod
+    def forward(ctx, w, chunk, fn, x, W, per_position, rest):
+        values, grad_x, grad_W = [], torch.zeros_like(x), None
+        train_W = W is not None and W.requires_grad
+        for i in range(0, len(x), chunk):
+            with torch.enable_grad():
+                xi = x[i:i + chunk].detach().requires_grad_()
+                Wi = W.detach().requires_grad_() if train_W else W
+                v = fn(xi, *(p[i:i + chunk] for p in per_position), Wi, *rest)  # (n,)
+                with torch.autocast(x.device.type, enabled=False):  # fp32, as a backward outside it
+                    g = torch.autograd.grad(v, [xi, Wi] if train_W else [xi], w.expand_as(v))
+            values.append(v.detach())
+            grad_x[i:i + chunk] = g[0]
+            if train_W:
+                grad_W = g[1] if grad_W is None else grad_W + g[1]
+        values = torch.cat(values)
+        ctx.save_for_backward(grad_x, grad_W)
+        ctx.mark_non_differentiable(values)
+        return w * values.sum(), values
+
+    @staticmethod
+    def backward(ctx, g, _):
+        grad_x, grad_W = ctx.saved_tensors
+        return None, None, None, g * grad_x, None if grad_W is None else g * grad_W, None, None
 
 
 def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature):
@@ -773,12 +825,14 @@ def _entropy_chunk(x, m, W, temperature):
     return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
 
 
-def cross_entropy(student, targets, mask, head=None):
+def cross_entropy(student, targets, mask, head=None, weight=None):
     """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*,
     from (B, C, V) logits or (B, C, H) hidden states and the head. Returns as token_divergence."""
-    per_token = over_positions(_nll_chunk, (student, targets, mask), (head,),
-                               chunk_for(student, head))  # (B, C)
-    return per_token.sum() / mask.sum().clamp(min=1), per_token
+    args = (_nll_chunk, (student, targets, mask), (head,), chunk_for(student, head))
+    if not torch.is_grad_enabled():
+        per_token = over_positions(*args)  # (B, C)
+        return per_token.sum() / mask.sum().clamp(min=1), per_token
+    return over_positions(*args, weight=1.0 / mask.sum().clamp(min=1) if weight is None else weight)
 
 
 def _nll_chunk(x, y, m, W):
@@ -846,6 +900,10 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
     # completion tokens, all processes
     N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)
+    # each token's weight in the step's loss, x W processes because DDP averages their gradients
+    weight = 1.0 / N * world_size()
+    # the LM heads W in fp32, cast once per step (pitfall 11); logits = h W^T, in section 7
+    heads = (lm_head(model).float(), None if sft else teacher.head.float())
     sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0,
                 outside=0.0)
     for i, r in enumerate(rollouts):
@@ -857,23 +915,21 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
             student.train()
             s_ids, s_mask = left_pad([p["student_ids"] for p in problems], gen.pad_token_id,
                                      model.device)
-            heads = (lm_head(model), None if sft else teacher.head)  # logits = h W^T, in section 7
             with autocast:
                 s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)  # (B, C, H)
                 # L = E_x E_{ŷ ~ p_S} mean_n D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)):
-                # per_token[b, n] is D at token n of rollout b (SFT: -log p_S(y*_n))
-                per_token = cross_entropy(s_h, comp, c_mask, heads[0])[1] if sft else (
+                # per_token[b, n] is D at token n of rollout b (SFT: -log p_S(y*_n)); loss is
+                # this micro-batch's share of the mean over the step's N tokens (deviation 4)
+                loss, per_token = cross_entropy(s_h, comp, c_mask, heads[0], weight) if sft else (
                     token_divergence(s_h, t_h, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
                                      clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss,
                                      temperature=cfg.temperature, sampled_tokens=comp,
-                                     heads=heads)[1])
-            # the mean over the step's N tokens, of which this micro-batch holds n_i (deviation 4);
-            # x W processes, because DDP averages their gradients
-            (per_token.sum() * world_size() / N).backward()
+                                     heads=heads, weight=weight))
+            loss.backward()
             for k, v in monitors(cfg, s_h, t_h, c_mask, per_token, heads).items():
                 sums[k] += v
-        r["per_token"] = per_token.detach()
-        del s_h, t_h, per_token
+        r["per_token"] = per_token
+        del s_h, t_h, per_token, loss
     eos = torch.tensor(gen.eos_token_id, device=model.device)
     lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()  # tokens per rollout
     # truncated: no EOS
@@ -1215,7 +1271,10 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
             raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
                             f"{str(e).splitlines()[0][:200]}") from None
     check_vocab(tok, vocab_of, name)
-    return prepare_model(model, tok, name)
+    model, tok = prepare_model(model, tok, name)
+    if cuda_paths(torch.device(device)) and torch.device(device).type == "cpu":
+        model.generation_config.compile_config = rehearsal_compile_config()
+    return model, tok
 
 
 def check_vocab(tok, vocab_of, name: str) -> None:
@@ -1401,13 +1460,29 @@ def read_dataset(name: str):
 
 # --- Precision -----------------------------------------------------------------------------------
 
+def cuda_paths(device) -> bool:
+    """Whether to take CUDA's paths: bf16 compute (autocast, frozen weights, a LoRA base), the static
+    cache with compiled decoding, prompt bucketing, gradient checkpointing. On CUDA; and on a CPU
+    with OPSD_REHEARSE_CUDA=1, which rehearses them where no GPU is (the tests do)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("OPSD_REHEARSE_CUDA") == "1")
+
+
+def rehearsal_compile_config():
+    """What transformers compiles the static-cache decoder with on a CPU rehearsal: aot_eager traces
+    the graphs as inductor would (same guards, same recompiles) and compiles in seconds."""
+    from transformers import CompileConfig
+    config = CompileConfig(backend="aot_eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA only without it
+    return config
+
+
 def compute_dtype(device, say=print) -> torch.dtype:
-    """bf16 on CUDA (autocast, frozen weights); fp32 on a CPU, and with a note on a GPU without
-    native bf16 (a T4): fp16 would need a gradient scaler, and Qwen2.5's activations can overflow
-    it. including_emulation=False: torch counts emulated bf16 as support."""
-    if device.type != "cuda":
+    """bf16 on CUDA (autocast, frozen weights) and in a rehearsal; fp32 on a CPU, and with a note on
+    a GPU without native bf16 (before compute capability 8.0, e.g. a T4): fp16 would need a gradient
+    scaler, and Qwen2.5's activations can overflow it. Asks `device`, not the current GPU."""
+    if not cuda_paths(device):
         return torch.float32
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     say(f"note: {name} (compute capability {major}.{minor}) has no bfloat16; training in fp32 without "
@@ -1689,7 +1764,7 @@ def cpu_copy(model):
     for t in itertools.chain(model.parameters(), model.buffers()):
         c = t.detach().to("cpu", copy=True)
         memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else c
-    return copy.deepcopy(model, memo)
+    return copy_model(model, memo)
 
 
 @contextlib.contextmanager
@@ -1867,6 +1942,9 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None
     if world > 1:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
+    if device.type == "cpu" and cuda_paths(device):
+        say("rehearsal (OPSD_REHEARSE_CUDA=1): this CPU run takes CUDA's paths: bf16, the static cache with "
+            "compiled decoding, prompt bucketing, gradient checkpointing")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
     half = compute_dtype(device, say)
@@ -1876,10 +1954,12 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     if len(train_set) < cfg.batch_size * world:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
-    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and cuda_paths(device)):
+        # transformers 5.2x renamed it (the old name warns); both take the checkpoint kwargs first
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
     if cfg.lora_rank:  # the frozen base in bf16 on CUDA, as the authors
-        model = add_lora(model.to(half), cfg.lora_rank, cfg.lora_alpha)
+        model = add_lora(cast_weights(model, half), cfg.lora_rank, cfg.lora_alpha)
     model.to(device)
     n_params, n_trainable = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable(model))
     how = f"LoRA r {cfg.lora_rank}, alpha {cfg.lora_alpha or 2 * cfg.lora_rank}" if cfg.lora_rank else "full fine-tuning"
@@ -1894,6 +1974,8 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
         say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems whose prompt plus "
             f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
     eval_set = [r for r in eval_set if r is not None]
+    # find_unused_parameters stays False: an untied LM head is used outside the module's forward (section 7),
+    # and with True DDP would mark its gradient ready twice ("Expected to mark a variable ready only once")
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
@@ -1901,7 +1983,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
               optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' (torch: 0.01)
               autocast=torch.autocast(device.type, dtype=half, enabled=half != torch.float32),  # CPU: off
-              bucket=64 if cfg.static_cache and device.type == "cuda" else 1,
+              bucket=64 if cfg.static_cache and cuda_paths(device) else 1,
               plan=plan, encoded=encoded, eval_set=eval_set)
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
     if resumed:  # the fixed teacher was built from the initial weights, as it should be

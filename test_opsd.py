@@ -235,8 +235,7 @@ def test_heads_give_the_logits_divergence_for_a_wider_untied_teacher_head_and_a_
 def test_token_clip_stops_the_gradient_of_clipped_tokens():
     s, t, mask, _ = random_case(8)
     s.requires_grad_(True)
-    per_token = opsd.token_divergence(s, t, mask, clip="token", clip_tau=1e-6)[1]
-    per_token.sum().backward()
+    opsd.token_divergence(s, t, mask, clip="token", clip_tau=1e-6)[0].backward()
     assert (s.grad == 0).all()  # every token's sum is above 1e-6, so every token is clipped
 
 
@@ -658,9 +657,9 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
         with torch.no_grad():
             t_logits = completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"])
         s_logits = completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"])
-        per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"])[1]
-        torch.testing.assert_close(r["per_token"], per_token.detach())
-        total, n = total + per_token.sum(), n + int(r["c_mask"].sum())
+        summed, per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"], weight=torch.tensor(1.0))
+        torch.testing.assert_close(r["per_token"], per_token)
+        total, n = total + summed, n + int(r["c_mask"].sum())
         for logits, role in ((s_logits.detach().double(), "s"), (t_logits.double(), "t")):  # H(p), float64
             h = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[r["c_mask"]].sum().item()
             h_s, h_t = (h_s + h, h_t) if role == "s" else (h_s, h_t + h)
@@ -680,7 +679,7 @@ def test_a_non_finite_step_is_not_applied(monkeypatch):
     cfg, model, tok, problems = step_setup()
     before = [p.detach().clone() for p in model.parameters()]
     real = opsd.token_divergence
-    monkeypatch.setattr(opsd, "token_divergence", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1] * math.nan))
+    monkeypatch.setattr(opsd, "token_divergence", lambda *a, **k: tuple(x * math.nan for x in real(*a, **k)))
     metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=1.0),
                                 [problems[:2]])
     assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
@@ -1033,17 +1032,21 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
 
 
-def test_a_gpu_without_bf16_falls_back_to_fp32_with_one_line(monkeypatch):
+def test_a_gpu_without_bf16_falls_back_to_fp32_with_one_line_and_the_device_given_is_asked(monkeypatch):
     """The T4 of free notebook services: no native bf16. compute_dtype decides the autocast dtype, the
-    frozen teacher's and a LoRA base's dtype, and the activation bytes of memory_arithmetic."""
-    cuda, said = torch.device("cuda"), []
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert opsd.compute_dtype(cuda, said.append) == torch.float32  # emulated bf16 does not count
+    frozen teacher's and a LoRA base's dtype, and the activation bytes of memory_arithmetic. A machine
+    with an H100 as cuda:0 and a T4 as cuda:1: `--device cuda:1` must get fp32, though the current
+    device (what torch.cuda.is_bf16_supported asks) is cuda:0."""
+    said, cards = [], {0: ("NVIDIA H100", (9, 0)), 1: ("Tesla T4", (7, 5))}
+    index = lambda d=None: 0 if d is None or torch.device(d).index is None else torch.device(d).index  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: cards[index(d)][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: cards[index(d)][1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cards[0][1] >= (8, 0))
+    assert opsd.compute_dtype(torch.device("cuda", 1), said.append) == torch.float32
     assert len(said) == 1 and "Tesla T4" in said[0] and "7.5" in said[0] and "fp32" in said[0]
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert opsd.compute_dtype(cuda, said.append) == torch.bfloat16 and len(said) == 1
+    assert opsd.compute_dtype(torch.device("cuda", 0), said.append) == torch.bfloat16 and len(said) == 1
+    assert opsd.compute_dtype(torch.device("cuda"), said.append) == torch.bfloat16 and len(said) == 1
     assert opsd.compute_dtype(torch.device("cpu"), said.append) == torch.float32 and len(said) == 1
 
 
@@ -1060,10 +1063,11 @@ def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
 
 # --- several processes: torchrun, DDP, gloo on the CPU ---------------------------------------------
 
-def torchrun(*args, n=2, script=HERE / "opsd.py", launcher=(), timeout=300):
+def torchrun(*args, n=2, script=HERE / "opsd.py", launcher=(), timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                            *launcher, str(script), *args], capture_output=True, text=True, cwd=HERE, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE)})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE),
+                               **(env or {})})
 
 
 CHECK_REPLICAS = """
@@ -1797,6 +1801,192 @@ def test_decode_speed_under_ddp_is_each_process_own_time_over_its_own_steps(monk
     m = timer.metrics(decode_steps=100)
     assert m["sec_generate"] == 3.0 and m["ms_per_decode_step"] == pytest.approx(20.0)
     assert opsd.Timer().metrics(decode_steps=None)["ms_per_decode_step"] is None  # SFT: no rollouts
+
+
+# --- the GPU paths rehearsed on the CPU (OPSD_REHEARSE_CUDA=1; issue 27) ----------------------------
+# bf16 against fp32: the tiny model's first-step KL is about 4e-5 nats per token, a difference of two
+# nearly equal distributions computed from hidden states that bf16 rounds to 8 bits of mantissa
+# (2^-9 = 0.2% each). Measured 2026-12-02: at most 0.53% apart (LoRA, whose base weights are bf16 too);
+# the tolerance is 2%. The rollouts and the greedy answers are the same tokens in both runs.
+REHEARSAL_TOLERANCE = 0.02
+REHEARSED = {"default": [], "lora, adapter off": ["--lora-rank", "4"], "ema": ["--teacher", "ema", "--ema-decay", "0.5"],
+             "current": ["--teacher", "current"], "opd": ["--teacher-model", "tiny"], "sft": ["--method", "sft"],
+             "eval samples": ["--eval-samples", "2"]}
+
+
+def fp32_buffers(model):
+    return all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
+
+
+@pytest.mark.parametrize("name", REHEARSED)
+def test_a_rehearsal_takes_every_cuda_path_and_matches_the_fp32_run(name, tmp_path, monkeypatch, capsys):
+    """Two steps with evaluation at 0 and 2, with and without the switch. Under it: bf16 autocast, the
+    frozen teachers (copy, OPD model) and a LoRA base in bf16 with their rotary buffers in fp32, prompts
+    bucketed to 64, the static cache decoded by a compiled call, gradient checkpointing on. Without
+    it, none of these (a CPU user's run is unchanged). Then: finite losses, the same answers, and the
+    first-step loss within REHEARSAL_TOLERANCE of the fp32 run."""
+    import torch._dynamo
+    args = ["--preset", "smoke", "--max-steps", "2", "--eval-every", "2", "--eval-size", "4", *REHEARSED[name]]
+    runs, real_prepare = [], opsd.prepare
+    monkeypatch.setattr(opsd, "prepare", lambda *a: runs.append(real_prepare(*a)) or runs[-1])
+    results, printed = [], []
+    for rehearse in ("0", "1"):
+        monkeypatch.setenv("OPSD_REHEARSE_CUDA", rehearse)
+        torch._dynamo.reset()
+        out = opsd.train(opsd.parse_args([*args, "--output-dir", str(tmp_path / rehearse)]), progress=False)
+        results.append((*opsd.read_metrics(out), (out / "samples.jsonl").read_text()))
+        printed.append(capsys.readouterr().out.splitlines())
+    plain, rehearsed = runs
+    assert printed[1][0].startswith("rehearsal (OPSD_REHEARSE_CUDA=1)") and not any("rehearsal" in l for l in printed[0])
+    assert plain.bucket == 1 and not plain.autocast._enabled and not plain.model.is_gradient_checkpointing
+    assert rehearsed.bucket == 64 and rehearsed.autocast._enabled and rehearsed.autocast.fast_dtype == torch.bfloat16
+    assert rehearsed.model.is_gradient_checkpointing
+    decoders = [m for m in rehearsed.model.modules() if hasattr(m, "generate")]
+    assert name == "sft" or any("_compiled_call" in vars(m) for m in decoders)  # rollouts decoded compiled
+    teacher = rehearsed.teacher.model
+    if rehearsed.teacher.kind in ("fixed", "opd") and rehearsed.teacher.own:
+        assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    if "--lora-rank" in args:
+        assert torch.bfloat16 in {p.dtype for p in rehearsed.model.parameters()}  # the frozen base
+    assert fp32_buffers(rehearsed.model) and fp32_buffers(teacher)
+    (train0, evals0, samples0), (train1, evals1, samples1) = results
+    assert [l["step"] for l in evals1] == [0, 2] and all(math.isfinite(l["loss"]) for l in train1)
+    assert samples1 == samples0  # the same greedy answers, token for token
+    assert train1[0]["loss"] == pytest.approx(train0[0]["loss"], rel=REHEARSAL_TOLERANCE)
+
+
+def test_a_rehearsal_under_torchrun_with_gradient_checkpointing_matches_the_fp32_run(tmp_path):
+    args = ["--preset", "smoke", "--max-steps", "2", "--eval-every", "2", "--eval-size", "4", "--gradient-checkpointing"]
+    first = []
+    for rehearse in ("0", "1"):
+        out = tmp_path / rehearse
+        r = torchrun(*args, "--output-dir", str(out), env={"OPSD_REHEARSE_CUDA": rehearse})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.stdout.startswith("rehearsal (") == (rehearse == "1")
+        assert "the weights are identical in all 2 processes" in r.stdout
+        train, evals = opsd.read_metrics(out)
+        assert [l["step"] for l in evals] == [0, 2] and all(math.isfinite(l["loss"]) for l in train)
+        first.append(train[0]["loss"])
+    assert first[1] == pytest.approx(first[0], rel=REHEARSAL_TOLERANCE)
+
+
+def test_compiled_decoding_compiles_a_few_graphs_over_prompts_of_many_lengths(tmp_path, monkeypatch):
+    """Each new prompt bucket is a new static-cache shape. Dynamo recompiles, then marks the changed
+    dimensions dynamic; at 8 graphs of one code object (the student and its copies share it) it stops
+    compiling and decodes uncompiled, slower than the dynamic cache. Prompts over 5 buckets (256 to
+    640 tokens), batches of 2 and 4, both roles evaluated: 4 graphs (measured 2026-12-02, torch 2.13,
+    transformers 5.24): the first shape, a dynamic one after the cache length changed, the bf16
+    teacher's (the guards check the weights' dtype), one after the batch size changed. Bound: 5."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    rows = [{"problem": f"Ava has {a} apples{' and then some more apples' * n}. She gets 2 more. How many?",
+             "solution": f"{a} + 2 = {a + 2}. #### {a + 2}"} for a in range(1, 9) for n in (0, 3, 6, 10, 15, 20)]
+    (tmp_path / "varied.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("OPSD_REHEARSE_CUDA", "1")
+    buckets, real_rollout = set(), opsd.rollout
+    def rollout(model, prompts, *a, **k):
+        buckets.add(64 * math.ceil(max(map(len, prompts)) / 64))
+        return real_rollout(model, prompts, *a, **k)
+    monkeypatch.setattr(opsd, "rollout", rollout)
+    torch._dynamo.reset()
+    counters.clear()
+    opsd.train(opsd.parse_args(["--preset", "smoke", "--dataset", str(tmp_path / "varied.jsonl"), "--max-steps", "3",
+                                "--eval-every", "3", "--eval-size", "8", "--batch-size", "2", "--grad-accum", "2",
+                                "--output-dir", str(tmp_path / "r")]), progress=False)
+    assert len(buckets) >= 5, buckets
+    assert 1 <= counters["stats"]["unique_graphs"] <= 5
+    torch._dynamo.reset()
+
+
+def test_a_copy_made_after_compiled_decoding_decodes_with_its_own_weights(monkeypatch):
+    """Pitfall 17. transformers keeps the compiled __call__ on the model; a deep copy used to share it,
+    and then decoded with the original's weights over its own cache. The frozen teacher is built after
+    the student's compiled rollouts here; the student then moves far. The teacher must decode as a
+    plain (uncompiled, dynamic-cache) pass of its own weights does; so must cpu_copy's copies."""
+    import torch._dynamo
+    monkeypatch.setenv("OPSD_REHEARSE_CUDA", "1")
+    torch._dynamo.reset()
+    model, tok = opsd.load_model("tiny")  # with the rehearsal's compile config, as on CUDA
+    eos, pad = [tok.eos_token_id], tok.pad_token_id
+    prompts = opsd.left_pad([opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "45 + 6")], pad, multiple=64)
+    opsd.sample(model, *prompts, 12, None, eos, pad, static_cache=True)
+    assert "_compiled_call" in vars(model)
+    teacher = opsd.Teacher(opsd.Config(), model)
+    assert "_compiled_call" not in vars(teacher.model) and "_compiled_call" not in vars(opsd.cpu_copy(model))
+    want = opsd.sample(teacher.model, *prompts, 12, None, eos, pad)[0]  # its own weights, no compiled call
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))
+    assert not torch.equal(opsd.sample(model, *prompts, 12, None, eos, pad, static_cache=True)[0], want)
+    assert torch.equal(opsd.sample(teacher.model, *prompts, 12, None, eos, pad, static_cache=True)[0], want)
+    torch._dynamo.reset()
+
+
+def test_a_bf16_teacher_keeps_fp32_rotary_frequencies_and_scores_as_a_bf16_load(tmp_path):
+    """Pitfall 16. Module.to(bfloat16) also rounds the rotary frequencies (inv_freq), which
+    transformers' bf16 load keeps in fp32; over a few hundred positions the roles' angles then part.
+    The frozen bf16 teacher must score exactly as from_pretrained(dtype=bfloat16) of the same weights."""
+    from transformers import AutoModelForCausalLM
+    model, tok = opsd.load_model("tiny")
+    model.save_pretrained(tmp_path / "m")
+    loaded = opsd.prepare_model(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16), tok, "m")[0]
+    teacher = opsd.Teacher(opsd.Config(), model, None, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16} and fp32_buffers(teacher.model)
+    record = {"problem": "x", "teacher_ids": list(range(5, 300)) * 2}
+    comp, c_mask = torch.randint(5, 300, (1, 64)), torch.ones(1, 64, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = teacher.hidden([record], comp, c_mask)
+        want = opsd.completion_hidden(loaded.eval(), *opsd.left_pad([record["teacher_ids"]], tok.pad_token_id), comp, c_mask)
+    assert torch.equal(got, want)
+
+
+class Ops(TorchDispatchMode):
+    """Every op: (name, output shape, output dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.seen.append((str(func), tuple(o.shape), o.dtype))
+        return out
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bf16_heads_are_cast_to_fp32_once_per_step_and_role(lora, monkeypatch):
+    """Two micro-batches under bf16 autocast. Full fine-tuning: the student's head is fp32 and the frozen
+    teacher's bf16, cast once. LoRA over a bf16 base: both roles read the base's bf16 head, each cast
+    once. The head used to be cast in every chunk, forward and recomputation, and in every monitor."""
+    cfg, model, tok, problems = step_setup(grad_accum=2, lora_rank=4 if lora else 0)
+    if lora:
+        model = opsd.add_lora(opsd.cast_weights(model, torch.bfloat16), 4)
+    teacher = opsd.Teacher(cfg, model, None, torch.device("cpu"), torch.bfloat16)
+    fixed_rollouts(cfg, model, problems, monkeypatch)
+    V, H = model.config.vocab_size, model.config.hidden_size
+    with Ops() as ops:
+        opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.0), [problems[:2], problems[2:]],
+                       autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    head_copies = [op for op in ops.seen if op == ("aten._to_copy.default", (V, H), torch.float32)]
+    assert len(head_copies) == (2 if lora else 1)
+
+
+def test_the_backward_recomputes_no_chunk_of_either_role():
+    """The loss's gradient is taken chunk by chunk in the forward pass; the backward only hands it on.
+    Before, every chunk was recomputed in the backward, the teacher's head product and softmax too."""
+    gen = torch.Generator().manual_seed(0)
+    V, H, B, C = 50, 8, 2, 6
+    W_s = torch.randn(V, H, generator=gen).requires_grad_(True)
+    W_t = torch.randn(V, H, generator=gen)
+    s_h = torch.randn(B, C, H, generator=gen).requires_grad_(True)
+    t_h = torch.randn(B, C, H, generator=gen)
+    loss, _ = opsd.token_divergence(s_h, t_h, torch.ones(B, C, dtype=torch.bool), heads=(W_s, W_t), chunk_size=4)
+    with Ops() as ops:
+        loss.backward()
+    assert ops.seen and not [op for op in ops.seen if op[1] and op[1][-1] == V and op[1] != (V, H)]
+    assert s_h.grad is not None and W_s.grad is not None
 
 
 # --- the notebook ----------------------------------------------------------------------------------
