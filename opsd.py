@@ -147,9 +147,9 @@ def prepare_model(model, tok, name: str):
     model.generation_config = GenerationConfig(eos_token_id=sorted(set(eos) | {tok.eos_token_id}),
                                                pad_token_id=tok.pad_token_id)
     for obj in [model.config, *model.modules()]:  # pitfall 12: config fields, copies, nn.Dropout
-        for name, value in list(vars(obj).items()):
-            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
-                setattr(obj, name, 0.0)
+        for key, value in list(vars(obj).items()):
+            if isinstance(value, float) and ("dropout" in key or key.endswith("pdrop")):
+                setattr(obj, key, 0.0)
         if isinstance(obj, torch.nn.Dropout):
             obj.p = 0.0
     return model, tok
@@ -332,7 +332,7 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
 
 class Teacher:
     """The privileged teacher: a frozen copy of the student's initial weights (the fixed teacher),
-    in `dtype` (bf16 on CUDA), reading the teacher prompt. Part II's kinds subclass it."""
+    in `dtype` (Part III: bf16 on CUDA), reading the teacher prompt. Part II's kinds subclass it."""
     prompt = "teacher_ids"  # problem, reference, transition, instruction
     eval_prompt = "teacher_eval_ids"  # the same in the student's thinking mode
     frozen = True           # never changes: its accuracy is measured once
@@ -347,12 +347,13 @@ class Teacher:
         ids, mask = left_pad([p[self.prompt] for p in problems],
                              self.model.generation_config.pad_token_id, completion.device)
         with self.weights():
-            self.model.eval()
+            self.model.eval()  # (the student's own module, for some teachers: see the step)
             return completion_hidden(self.model, ids, mask, completion, comp_mask)  # (B, C, H')
 
     def heads(self, student) -> tuple[torch.Tensor, torch.Tensor]:
         """(W_S, W_T): the roles' LM heads in fp32 (pitfall 11), once a step; W_S keeps its grad."""
-        return lm_head(student).float(), lm_head(self.model).float()
+        W_s = lm_head(student).float()
+        return W_s, W_s if self.model is student else lm_head(self.model).float()
 
     def weights(self):
         """A block in which self.model holds the teacher's weights (a copy always does)."""
@@ -387,10 +388,10 @@ def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
 
 
 class TokenLoss(torch.autograd.Function):
-    """loss, per_token = TokenLoss.apply(s_h, W_s, t_h, W_t, completion, mask, divergence, T, w):
-    hidden states (B, C, H), (B, C, H'); per_token (B, C) is D_n, 0 where masked; loss = w * its
-    sum. The student's gradient is taken a chunk of positions at a time in the forward pass (as
-    Liger-Kernel's fused losses): (n, V) logits, never (B, C, V) (pitfall 6); nothing recomputed."""
+    """loss, per_token = TokenLoss.apply(s_h, W_s, t_h, W_t, completion, mask, divergence,
+    temperature, weight): hidden states (B, C, H), (B, C, H'), weight 0-dim; per_token (B, C) is
+    D_n, 0 where masked; loss = weight * its sum. The gradient is taken chunk by chunk in the
+    forward pass (as Liger-Kernel's fused losses): no (n, V) logit is kept or recomputed."""
 
     @staticmethod
     def forward(ctx, s_h, W_s, t_h, W_t, completion, mask, divergence, temperature, weight):
@@ -410,7 +411,7 @@ class TokenLoss(torch.autograd.Function):
             per_token.append(d.detach())
             g_s[j] = g[0]
             if W.requires_grad:
-                g_W = g[1] if g_W is None else g_W + g[1]
+                g_W = g[1] if g_W is None else g_W.add_(g[1])
         ctx.save_for_backward(g_s.view_as(s_h), g_W)
         per_token = torch.cat(per_token).view(B, C)
         ctx.mark_non_differentiable(per_token)
@@ -418,8 +419,8 @@ class TokenLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _):
-        g_s, g_W = ctx.saved_tensors
-        return g * g_s, None if g_W is None else g * g_W, *[None] * 7
+        g_s, g_W = ctx.saved_tensors  # kept from the forward: scaled in place, no second copy
+        return g_s.mul_(g), None if g_W is None else g_W.mul_(g), *[None] * 7
 
 
 # -----------------------------------------------------------------------------------------------
@@ -454,7 +455,7 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         # DDP syncs the gradients in every backward: only in the last micro-batch's
         last = i == len(rollouts) - 1
         with timer("student"), student.no_sync() if ddp and not last else contextlib.nullcontext():
-            student.train()
+            student.train()  # (a teacher may have set eval mode)
             s_ids, s_mask = left_pad([p["student_ids"] for p in problems],
                                      model.generation_config.pad_token_id, model.device)
             with autocast:
@@ -514,6 +515,9 @@ def grade(text: str, gold: str) -> tuple[bool, list]:
     return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
 
 
+MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # and dashes
+
+
 def final_answer(text: str) -> list:
     """math-verify's reading of the last \\boxed{}, else of the last answer in the text. Spellings
     it misses are rewritten first (pitfall 14): '\\$', '8{,}000', a Unicode minus, 'is - 7'."""
@@ -523,9 +527,6 @@ def final_answer(text: str) -> list:
     text = re.sub(r"(?<![\d)\]}])(^|\s)-\s+(?=\d)", r"\1-", text)
     box = last_boxed(text)
     return parse(text if box is None else f"\\boxed{{{box}}}")
-
-
-MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # and dashes
 
 
 def last_boxed(text: str) -> str | None:
@@ -621,8 +622,7 @@ class VariantConfig(Config):
 # --- Losses: --loss, --clip, --top-k-loss ---
 
 def divergence_for(cfg: VariantConfig):
-    """The D that opsd_step receives: Part I's forward_kl, `any_divergence` with the flags'
-    loss, beta, clip and top-k, or under --method sft the cross-entropy on the reference."""
+    """The D that opsd_step receives: forward_kl, any_divergence with the flags, or SFT's nll."""
     if cfg.method == "sft":
         return nll
     if (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None):
@@ -745,8 +745,8 @@ def _outside_chunk(s, t, m, W, temperature, top_k, top_p):
 # --- Samplers: --top-k, --top-p, and SFT's references ---
 
 def sampler_for(cfg: VariantConfig, tok, decode=None):
-    """The `sample` opsd_step receives: rollouts at --temperature truncated by --top-k, then
-    --top-p (off-policy by the mass outside: pitfall 7); SFT's references. decode: Part III's."""
+    """The `sample` opsd_step receives: rollouts truncated by --top-k, then --top-p (off-policy by
+    the mass outside: pitfall 7), or SFT's references."""
     if cfg.method == "sft":
         return functools.partial(reference_rollouts, tok)
 
@@ -768,8 +768,8 @@ def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
 
 
 def privileged_text(problems: list[dict], mode: str) -> list[str]:
-    """What the teacher reads (--privileged): the reference, its final answer, or the *next*
-    problem's solution (arXiv 2608.09228's control: information, or a solution-shaped context?)."""
+    """What the teacher reads (--privileged): the reference, its answer, or the *next* problem's
+    solution (arXiv 2608.09228's control)."""
     if mode == "answer":
         return [f"The answer is {p['answer']}." for p in problems]
     if mode == "other":
@@ -780,8 +780,7 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
 # --- Teachers: --teacher, --lora-rank, --teacher-model, --method sft ---
 
 def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> Teacher:
-    """The teacher the flags ask for; opd: the --teacher-model; dtype: a frozen teacher's (bf16 on
-    CUDA; an EMA stays fp32: deviation 8)."""
+    """The teacher the flags ask for; dtype: a frozen teacher's (an EMA stays fp32: deviation 8)."""
     if cfg.teacher_model:
         return OPDTeacher(student, opd, dtype)
     if cfg.teacher == "current":
@@ -874,8 +873,7 @@ class OPDTeacher(Teacher):
     prompt = eval_prompt = "student_ids"
 
     def __init__(self, student, opd, dtype=torch.float32):
-        self.model = opd.requires_grad_(False).eval().to(student.device)
-        cast_weights(self.model, dtype)
+        self.model = cast_weights(opd.requires_grad_(False).eval(), dtype).to(student.device)
         self.model.generation_config = copy.deepcopy(student.generation_config)
 
     def heads(self, student):
@@ -885,10 +883,11 @@ class OPDTeacher(Teacher):
 
 
 class NoTeacher(Teacher):
-    """--method sft has no teacher pass: empty stand-ins keep the step's shapes (nll reads y*)."""
+    """--method sft has no teacher pass: empty stand-ins keep the step's shapes (nll reads y*); the
+    run's teacher (evaluated) still updates."""
 
-    def __init__(self):
-        pass
+    def __init__(self, teacher):
+        self.update = teacher.update
 
     def hidden(self, problems, completion, comp_mask):
         return torch.zeros(*completion.shape, 0, device=completion.device)  # (B, C, 0)
@@ -903,9 +902,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def add_lora(model, rank: int, alpha: int | None = None):
-    """model -> peft model with a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on every linear
-    projection. Only the adapter trains: with it off, the model *is* the initial one, the fixed
-    teacher for free."""
+    """model -> peft model, a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on every linear
+    projection: with it off, the model *is* the initial one, the fixed teacher for free."""
     try:
         import peft
     except ImportError:
@@ -1259,8 +1257,8 @@ def boxed_reference(solution: str) -> str:
 
 
 def to_records(rows, cfg: RunConfig, name: str) -> list[dict]:
-    """Dataset rows -> records {"problem", "solution", "answer"}; a row without a gradable final
-    answer is dropped. GSM8K's calculator notes (<<48/2=24>>) go; its answer is boxed."""
+    """Dataset rows -> records, less those without a gradable answer; GSM8K's calculator notes
+    (<<48/2=24>>) dropped, its answer boxed."""
     cols = list(rows.column_names)
     pairs = ([(cfg.problem_column, cfg.solution_column)]
              if cfg.problem_column or cfg.solution_column
@@ -1285,8 +1283,8 @@ ARITH_POOL = 2000  # training problems of the arithmetic generator
 
 
 def load_problems(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice, never in train;
-    neither depends on --max-steps (a resumed run sees what a longer one would)."""
+    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice; neither depends on
+    --max-steps."""
     if cfg.dataset == "arithmetic":
         pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
@@ -1338,8 +1336,8 @@ def read_dataset(name: str):
 # --- Precision ---
 
 def cuda_paths(device) -> bool:
-    """Whether to take CUDA's paths (bf16, compiled static-cache decoding, prompt buckets, gradient
-    checkpointing): on CUDA, and on a CPU rehearsing them (OPSD_REHEARSE_CUDA=1)."""
+    """CUDA's paths (bf16, compiled static-cache decoding, prompt buckets, gradient checkpointing):
+    on CUDA, and on a CPU rehearsing them (OPSD_REHEARSE_CUDA=1)."""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("OPSD_REHEARSE_CUDA") == "1")
 
 
@@ -1487,9 +1485,10 @@ def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dic
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
         # (B, C + 1, H) rows from each pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
-        # two heads' outputs, log-softmaxes, softmaxes, the terms: 7 (n, V) fp32; a bf16 head's copy
+        # 7 (n, V) fp32 (heads' outputs, log-softmaxes, softmaxes, terms); a bf16 head's fp32 copy, or
+        # a trained head's gradient, kept from TokenLoss's forward
         "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
-            W.numel() * 4 for W in heads if W.dtype != torch.float32),
+            W.numel() * 4 for W in heads if W.dtype != torch.float32 or W.requires_grad),
     }
 
 
@@ -1514,8 +1513,8 @@ class Interrupted(Exception):
 
 
 class Stopped(Exception):
-    """Under torchrun: another process stopped the run and says why. Exit quietly with 0: a failed
-    process makes torchrun signal the others, which could stop rank 0 before it has said why."""
+    """Another process stopped the run and says why: exit 0 (a failure would make torchrun signal
+    the rest, rank 0 too, before it says why)."""
 
     def __init__(self, code=0):
         super().__init__()
@@ -1770,11 +1769,11 @@ TRAIN_KEYS = ["loss", "divergence", "divergence_first_token", "completion_len", 
 
 def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, tok, decode=None,
                     autocast=contextlib.nullcontext(), timer=None, device=None):
-    """opsd_step with what the flags chose: Part II's divergence, sampler, teacher (none under SFT)
-    and monitor; sums over the processes under torchrun. Returns (metrics as logged, rollouts)."""
+    """opsd_step with the flags' divergence, sampler, teacher and monitor (Part II), sums over the
+    processes: (metrics as logged, rollouts)."""
     D = divergence_for(cfg)
     metrics, rollouts = opsd_step(
-        cfg, student, NoTeacher() if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
+        cfg, student, NoTeacher(teacher) if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
         sampler_for(cfg, tok, decode), monitor_for(cfg, D), lambda values: all_reduce(values, device), autocast,
         timer or (lambda phase: contextlib.nullcontext()))
     if "divergence_first_token" in metrics:  # opsd_step divided it by the N tokens: x N / rollouts
@@ -1883,6 +1882,10 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
         dist.barrier()  # every process has checked the output dir before rank 0 writes into it
     if device.type == "cpu" and cuda_paths(device):
         say("rehearsal (OPSD_REHEARSE_CUDA=1): this CPU run takes CUDA's paths (cuda_paths)")
+    if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss):
+        say("note: --clip and --top-k-loss do not apply to --loss sampled_token")
+    if cfg.clip == "none" and cfg.clip_tau != RunConfig.clip_tau:
+        say("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
     half = compute_dtype(device, say)
@@ -1895,7 +1898,7 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     thinks = encode_chat(tok, "x", True) != encode_chat(tok, "x", False)  # the template has a thinking mode
     if not thinks and {"student_thinking", "teacher_thinking"} & getattr(cfg, "typed", set()):
         say(f"note: --student-thinking and --teacher-thinking have no effect: {cfg.model}'s template never thinks")
-    if thinks and cfg.student_thinking != cfg.teacher_thinking:
+    if thinks and cfg.student_thinking != cfg.teacher_thinking and not cfg.teacher_model:
         say(f"note: the {'teacher' if cfg.teacher_thinking else 'student'}'s template thinks, the other's not: see "
             "divergence_first_token (pitfall 15); the teacher is evaluated in the student's mode")
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and cuda_paths(device)):
@@ -1940,7 +1943,7 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
 
 def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, rank: int, world: int):
     """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped): the
-    stream's draws, drawn again without a problem that does not fit the context (all processes alike)."""
+    stream's draws, redrawn without the problems too long for the context."""
     skip = set()
     while True:
         pool = [i for i in range(len(train_set)) if i not in skip]
@@ -2027,7 +2030,7 @@ def save_step(run: Run, step: int) -> None:
 
 
 def lost_contact(e: Exception) -> bool:
-    """A collective failed: another process ended (and said why)."""
+    """A collective failed: another process ended."""
     import traceback
     return isinstance(e, dist.DistError) or any(f.filename.endswith("distributed_c10d.py")
                                                  for f in traceback.extract_tb(e.__traceback__))
@@ -2046,10 +2049,6 @@ def main(argv=None) -> int:
             if lead:
                 raise
             raise Stopped() from None  # rank 0 says it
-        if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss) and lead:
-            print("note: --clip and --top-k-loss do not apply to --loss sampled_token")
-        if cfg.clip == "none" and cfg.clip_tau != RunConfig.clip_tau and lead:
-            print("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
         out = train(cfg)
     except OPSDError as e:
         print(f"error{who}: {e}", file=sys.stderr)
