@@ -428,11 +428,10 @@ class TokenLoss(torch.autograd.Function):
 # -----------------------------------------------------------------------------------------------
 
 def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
-              divergence=forward_kl, sample=student_rollouts, monitor=None, reduce=list,
+              divergence=forward_kl, sample=student_rollouts, monitor=None,
               autocast=contextlib.nullcontext(), timer=lambda phase: contextlib.nullcontext()):
     """One optimizer step on `micro_batches` (lists of encoded problems) -> (metrics, rollouts with
-    their per-token loss); a non-finite step is not applied. Parts II-III pass the divergence, the
-    sampler, `monitor` (sums logged beside the loss), `reduce` (over processes), autocast, timer."""
+    their per-token loss); a non-finite step is not applied. Parts II-III pass the others."""
     ddp = isinstance(student, DDP)  # under torchrun (Part III), DDP wraps the student
     model, rollouts = student.module if ddp else student, []
     # the whole step's rollouts first: N must be known before the first backward
@@ -472,17 +471,20 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         r["per_token"] = per_token
         del s_h, t_h, per_token, loss
     eos = torch.tensor(model.generation_config.eos_token_id, device=model.device)
-    lens = torch.cat([r["c_mask"].sum(1) for r in rollouts]).float()  # tokens per rollout
-    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts]).float()  # no EOS
-    *totals, len_sum, cut_sum, n_rollouts = reduce(
-        [*sums.values(), lens.sum().item(), cut.sum().item(), len(lens)])
+    cut = torch.cat([~torch.isin(r["comp"], eos).any(1) for r in rollouts])  # (R,): no EOS
+    totals = torch.tensor([*sums.values(), cut.sum().item(), len(cut)], dtype=torch.float64,
+                          device=model.device)
+    if ddp:
+        dist.all_reduce(totals)  # sums over the processes
+    *totals, cut_sum, n_rollouts = totals.tolist()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     if math.isfinite(totals[0]) and torch.isfinite(grad_norm):
         optimizer.step()
         teacher.update(model)
     optimizer.zero_grad(set_to_none=True)
-    means = {k: v / N.item() for k, v in zip(sums, totals)}  # per token; then per rollout
-    return {**means, "completion_len": len_sum / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
+    n = N.item()
+    means = {k: v / n for k, v in zip(sums, totals)}  # per token; then per rollout
+    return {**means, "completion_len": n / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
             "grad_norm": grad_norm.item()}, rollouts
 
 
@@ -574,8 +576,7 @@ def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Con
 # -----------------------------------------------------------------------------------------------
 # 10. Outputs
 # -----------------------------------------------------------------------------------------------
-# A run directory (Part III writes it): config.json, metrics.jsonl (a JSON line per step and per
-# evaluation: what the notebook plots), samples.jsonl (what each role wrote), checkpoint/.
+# Part III writes a run directory: config.json, metrics.jsonl (what the notebook plots), samples.
 
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl -> (train lines, eval lines)."""
@@ -1768,14 +1769,13 @@ TRAIN_KEYS = ["loss", "divergence", "divergence_first_token", "completion_len", 
 
 
 def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, tok, decode=None,
-                    autocast=contextlib.nullcontext(), timer=None, device=None):
-    """opsd_step with the flags' divergence, sampler, teacher and monitor (Part II), sums over the
-    processes: (metrics as logged, rollouts)."""
+                    autocast=contextlib.nullcontext(), timer=None):
+    """opsd_step with the flags' divergence, sampler, teacher and monitor (Part II): (metrics as
+    logged, rollouts)."""
     D = divergence_for(cfg)
     metrics, rollouts = opsd_step(
         cfg, student, NoTeacher(teacher) if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
-        sampler_for(cfg, tok, decode), monitor_for(cfg, D), lambda values: all_reduce(values, device), autocast,
-        timer or (lambda phase: contextlib.nullcontext()))
+        sampler_for(cfg, tok, decode), monitor_for(cfg, D), autocast, timer or (lambda phase: contextlib.nullcontext()))
     if "divergence_first_token" in metrics:  # opsd_step divided it by the N tokens: x N / rollouts
         metrics["divergence_first_token"] *= metrics["completion_len"]
     return {k: metrics.get(k) for k in TRAIN_KEYS}, rollouts
@@ -1823,7 +1823,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         nonlocal timer
         timer = Timer(run.device)  # each step's seconds per phase and peak memory
         return configured_step(cfg, run.student, run.teacher, run.optimizer, micro_batches, run.tok, run.decode,
-                               run.autocast, timer, run.device)
+                               run.autocast, timer)
 
     def log_step(step, line, rollouts):
         if not (math.isfinite(line["loss"]) and math.isfinite(line["grad_norm"])):  # not applied
