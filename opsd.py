@@ -25,7 +25,7 @@ handled):
  5. Chat templates: both roles read the same template.
  6. Logit memory: (C, V) fp32 per sequence is large (V = 151,936): a chunk of positions at a time.
  7. Sampling vs scoring: top-k/top-p rollouts come from a distribution the loss does not score;
-    on CUDA the sampler reads bf16 logits, the loss fp32 ones (README: 4e-4 nats apart).
+    on CUDA the sampler reads bf16 logits, the loss fp32 ones (4e-4 nats apart: figures/).
  8. F.kl_div's arguments are swapped: KL(p || q) = kl_div(log q, log p, log_target=True).
  9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
 10. Sampling in train mode with gradient checkpointing turns the KV cache off.
@@ -52,6 +52,9 @@ weight decay, grad norm 0.1, effective batch 32 are theirs; --preset paper is al
  9. Every dropout is off (pitfall 12).
 10. No clip by default: their point-wise clip slowed learning on the laptop task (--clip).
 11. fp32 logits in the loss, where their trainer computes bf16 ones (pitfall 11).
+12. The EMA teacher starts from the initial weights; theirs from the student after the first
+    optimizer step (`_update_ema` in their opsd_trainer.py at 7448751).
+13. Greedy evaluation by default; theirs samples 12 answers in thinking mode (--preset paper).
 
 Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
 thread counts) are not bit-reproducible: two GPU runs can differ in the last digits.
@@ -99,16 +102,15 @@ def arg(default, help, choices=None):
 
 @dataclass
 class Config:
-    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B, smollm2-135m "
-                     "(offline), tiny (random, seconds), random:Qwen2.5-0.5B|1.5B|7B (real shapes)")
+    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B|1.5B|7B, "
+                     "Qwen3-1.7B|4B|8B, smollm2-135m (offline), tiny (random, seconds), "
+                     "random:Qwen2.5-0.5B|1.5B|7B, random:Qwen3-1.7B (real shapes, random weights)")
     dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet "
                        "file or folder")
-    instruction: str = arg(
-        "Please reason step by step, and put your final answer within \\boxed{}.",
-        "answer-format instruction appended to both the student's and the teacher's message")
-    teacher_transition: str = arg(
-        "Now solve the problem yourself, in your own words, and arrive at the same answer.",
-        "the teacher's sentence between the reference and the instruction (README: measured)")
+    instruction: str = arg("Please reason step by step, and put your final answer within "
+                           "\\boxed{}.", "answer-format instruction appended to both roles")
+    teacher_transition: str = arg("Now solve the problem yourself, in your own words, and arrive "
+                                  "at the same answer.", "the teacher's words after the reference")
     student_thinking: bool = arg(False, "the student's template thinks (Qwen3; the authors': off)")
     teacher_thinking: bool = arg(True, "the teacher's template thinks (Qwen3; the authors': on)")
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
@@ -139,8 +141,7 @@ def prepare_model(model, tok, name: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pad == eos is safe (pitfall 3)
     if tok.chat_template is None:
-        raise OPSDError(f"model {name!r} has no chat template; OPSD needs one for both roles "
-                        "(use an instruct model)")
+        raise OPSDError(f"model {name!r} has no chat template; use an instruct model")
     # a hub's top-k/top-p/repetition penalties would make sampling off-policy (pitfall 7)
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -153,23 +154,6 @@ def prepare_model(model, tok, name: str):
         if isinstance(obj, torch.nn.Dropout):
             obj.p = 0.0
     return model, tok
-
-
-def cast_weights(model, dtype):
-    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
-    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-
-def copy_model(model, memo=None):
-    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
-    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
-    clone = copy.deepcopy(model, memo)
-    for m in clone.modules():
-        m.__dict__.pop("_compiled_call", None)
-    return clone
 
 
 # -----------------------------------------------------------------------------------------------
@@ -192,8 +176,7 @@ def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
 # 4. Prompts
 # -----------------------------------------------------------------------------------------------
 # Student: problem + instruction. Teacher: problem + reference between markers + a sentence asking
-# it to solve the problem itself + the same instruction. One chat template for both (pitfall 5);
-# token ids from here on (pitfall 4).
+# it to solve it itself + the instruction. One template for both (pitfall 5); ids after (pitfall 4).
 
 def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
@@ -213,15 +196,15 @@ def encode_chat(tok, message: str, thinking: bool = False) -> list[int]:
                                    add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
-def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None,
-                    references: list[str] | None = None) -> list[dict | None]:
+def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None, references=None,
+                    messages=(student_message, teacher_message)) -> list[dict | None]:
     """Adds student_ids, teacher_ids and teacher_eval_ids (the teacher's prompt in the student's
-    thinking mode) to each record, the teacher reading `references` (default: the
-    solutions); None where a prompt + max_new_tokens exceeds the model's context."""
-    out = []
+    thinking mode) to each record, the teacher reading `references` (default: the solutions), the
+    messages built by `messages`; None where a prompt + max_new_tokens exceeds the context."""
+    out, (student_msg, teacher_msg) = [], messages
     for p, reference in zip(problems, references or [p["solution"] for p in problems]):
-        s = encode_chat(tok, student_message(p["problem"], cfg.instruction), cfg.student_thinking)
-        msg = teacher_message(p["problem"], reference, cfg.instruction, cfg.teacher_transition)
+        s = encode_chat(tok, student_msg(p["problem"], cfg.instruction), cfg.student_thinking)
+        msg = teacher_msg(p["problem"], reference, cfg.instruction, cfg.teacher_transition)
         t = encode_chat(tok, msg, cfg.teacher_thinking)
         t_eval = encode_chat(tok, msg, cfg.student_thinking)  # evaluation: the student's mode
         fits = context is None or max(len(s), len(t), len(t_eval)) + cfg.max_new_tokens <= context
@@ -247,6 +230,12 @@ def left_pad(seqs: list[list[int]], pad_id: int, device="cpu",
 # 5. Student sampling
 # -----------------------------------------------------------------------------------------------
 
+def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """(B, C) bool: True up to the first EOS, included: the student learns to stop (pitfall 3)."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device)).long()
+    return is_eos.cumsum(1) - is_eos == 0  # (B, C): no EOS strictly before position n
+
+
 @torch.no_grad()
 def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None,
             multiple: int = 1, **generate_kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,13 +256,6 @@ def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: f
     return completion, completion_mask(completion, gen.eos_token_id)
 
 
-def completion_mask(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """(B, C) bool: True up to the first EOS, included: the student learns to stop (pitfall 3)."""
-    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # (B, C)
-    eos_before = is_eos.long().cumsum(1) - is_eos.long()  # EOS tokens strictly before position n
-    return eos_before == 0
-
-
 def student_rollouts(cfg: Config, model, problems: list[dict]):
     """ŷ ~ p_S(. | x) for a micro-batch: the student reads only the problem. (B, C) ids, mask."""
     return rollout(model, [p["student_ids"] for p in problems], cfg.max_new_tokens, cfg.temperature)
@@ -284,6 +266,20 @@ def student_rollouts(cfg: Config, model, problems: list[dict]):
 # -----------------------------------------------------------------------------------------------
 # The teacher reads [its prompt | the student's completion] and scores every completion token in one
 # pass; the student's pass is the same, with gradients. Section 7 applies the head (pitfall 6, 11).
+
+def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
+    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is:
+    query q sees key k when k <= q and k is a real token, and a pad also sees itself: a fully
+    masked row gives NaN gradients in CUDA's fused attention (figures/). A pad is never scored."""
+    L = attn.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
+    mask = ((causal & attn.bool()[:, None, None, :])
+            | torch.eye(L, dtype=torch.bool, device=attn.device))
+    if model.config._attn_implementation == "sdpa":
+        return mask  # True = attend, what SDPA takes
+    return torch.zeros(mask.shape, device=attn.device).masked_fill(
+        ~mask, torch.finfo(torch.float32).min)  # eager: added to the scores
+
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
     """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
@@ -308,38 +304,26 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> 
 
 
 def lm_head(model) -> torch.Tensor:
-    """(V, H) the LM head's weight W: logits = h W^T. Tied to the input embeddings in Qwen2.5-0.5B
-    and SmolLM2 (their gradient then comes from both ends)."""
+    """(V, H) the LM head's weight W: logits = h W^T (tied to the embeddings in SmolLM2)."""
     head = model.get_output_embeddings()
     if head.bias is not None or getattr(model.config, "final_logit_softcapping", None):
         raise OPSDError("this model's logits are not h W^T (a biased or soft-capped LM head)")
     return head.weight
 
 
-def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
-    """(B, L) padding mask, 1 on real tokens -> the (B, 1, L, L) mask the model uses as it is:
-    query q sees key k when k <= q and k is a real token, and a pad also sees itself: a fully
-    masked row gives NaN gradients in CUDA's fused attention (README). A pad is never scored."""
-    L = attn.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
-    mask = ((causal & attn.bool()[:, None, None, :])
-            | torch.eye(L, dtype=torch.bool, device=attn.device))
-    if model.config._attn_implementation == "sdpa":
-        return mask  # True = attend, what SDPA takes
-    return torch.zeros(mask.shape, device=attn.device).masked_fill(
-        ~mask, torch.finfo(torch.float32).min)  # eager: added to the scores
-
-
 class Teacher:
     """The privileged teacher: a frozen copy of the student's initial weights (the fixed teacher),
-    in `dtype` (Part III: bf16 on CUDA), reading the teacher prompt. Part II's kinds subclass it."""
+    reading the teacher prompt. Part II's kinds subclass it (FixedTeacher: this one in bf16)."""
     prompt = "teacher_ids"  # problem, reference, transition, instruction
     eval_prompt = "teacher_eval_ids"  # the same in the student's thinking mode
     frozen = True           # never changes: its accuracy is measured once
 
-    def __init__(self, student, dtype=torch.float32):
-        self.model = copy_model(student).requires_grad_(False).eval()
-        cast_weights(self.model, dtype)
+    def __init__(self, student):
+        self.model = copy.deepcopy(student).requires_grad_(False).eval()
+
+    def weights(self):
+        """A block in which self.model holds the teacher's weights (a copy always does)."""
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def hidden(self, problems: list[dict], completion, comp_mask) -> torch.Tensor:
@@ -355,10 +339,6 @@ class Teacher:
         W_s = lm_head(student).float()
         return W_s, W_s if self.model is student else lm_head(self.model).float()
 
-    def weights(self):
-        """A block in which self.model holds the teacher's weights (a copy always does)."""
-        return contextlib.nullcontext()
-
     def update(self, student) -> None:
         """After each optimizer step: the fixed teacher does not move."""
 
@@ -366,9 +346,30 @@ class Teacher:
 # -----------------------------------------------------------------------------------------------
 # 7. Token-level divergence
 # -----------------------------------------------------------------------------------------------
-# At each completion token n, over the vocabulary v, with logits h W^T in fp32 (pitfall 11):
-#     p_S = softmax(h_S W_S^T / T),  p_T = softmax(h_T W_T^T / T),
-#     D_n = KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)).
+# At completion token n, over the vocabulary v, with logits z = h W^T and temperature T:
+#     p_S = softmax(z_S / T),  p_T = softmax(z_T / T),
+#     D_n = KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)),
+# and the loss is the mean of D_n over the N completion tokens. First plain, on whole logits; then
+# TokenLoss, the same loss a chunk of positions at a time (a test checks that they agree).
+
+def kl(log_p, log_q) -> torch.Tensor:
+    """(..., V) log-probabilities -> (...) KL(p || q). F.kl_div swaps its arguments (pitfall 8)."""
+    # KL(p || q) = sum_v p(v) (log p(v) - log q(v))
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_loss(student_logits, teacher_logits, mask, temperature: float = 1.0) -> torch.Tensor:
+    """The loss, plain: (B, C, V) logits of both roles at the completion tokens and their (B, C)
+    bool mask -> 0-dim mean of D_n over the unmasked tokens, in fp32; the teacher gets no grad."""
+    log_ps = (student_logits.float() / temperature).log_softmax(-1)  # (B, C, V) log p_S(v)
+    log_pt = (teacher_logits.detach().float() / temperature).log_softmax(-1)  # (B, C, V) log p_T(v)
+    D = torch.where(mask, kl(log_pt, log_ps), 0.0)  # (B, C): D_n, 0 after the EOS
+    return D.sum() / mask.sum().clamp(min=1)
+
+
+# Made fast. Whole logits are (B, C, V) per role: at V = 151,936 and 8 x 512 tokens, 2.3 GB each in
+# fp32 (pitfall 6), and bf16 logits round away a KL this small (pitfall 11). So the passes return
+# final hidden states (section 6), and each head h W^T is applied in fp32, a chunk at a time.
 CHUNK = 2 ** 26  # elements of one chunk's (n, V) fp32 logits: 256 MB, n = CHUNK // V positions
 
 
@@ -383,21 +384,20 @@ def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
     heads W_s (V, H), W_t (V, H'). y (n,), the sampled tokens, is for Part II's estimators."""
     log_ps = (head_logits(s_h, W_s) / temperature).log_softmax(-1)  # (n, V) log p_S(v), finite
     log_pt = (head_logits(t_h, W_t) / temperature).log_softmax(-1)  # (n, V) log p_T(v)
-    # KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v))
-    return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return kl(log_pt, log_ps)  # (n,) KL(p_T || p_S), as in kl_loss
 
 
 class TokenLoss(torch.autograd.Function):
-    """loss, per_token = TokenLoss.apply(s_h, W_s, t_h, W_t, completion, mask, divergence,
-    temperature, weight): hidden states (B, C, H), (B, C, H'), weight 0-dim; per_token (B, C) is
-    D_n, 0 where masked; loss = weight * its sum. The gradient is taken chunk by chunk in the
-    forward pass (as Liger-Kernel's fused losses): no (n, V) logit is kept or recomputed."""
+    """kl_loss, a chunk of positions at a time: loss, per_token = TokenLoss.apply(divergence, s_h,
+    t_h, y, W_s, W_t, temperature, mask, weight): hidden states (B, C, H), (B, C, H'); y, mask
+    (B, C); weight 0-dim (1/N: the mean); per_token (B, C): D_n, 0 where masked; loss = weight *
+    its sum. Each chunk's gradient is taken at once (as Liger-Kernel's): no logit kept or redone."""
 
     @staticmethod
-    def forward(ctx, s_h, W_s, t_h, W_t, completion, mask, divergence, temperature, weight):
+    def forward(ctx, divergence, s_h, t_h, y, W_s, W_t, temperature, mask, weight):
         B, C = mask.shape
         # one row per position, (B * C, ...); hidden states copied unless contiguous
-        s, t, y, m = (x.reshape(B * C, *x.shape[2:]) for x in (s_h, t_h.detach(), completion, mask))
+        s, t, y, m = (x.reshape(B * C, *x.shape[2:]) for x in (s_h, t_h.detach(), y, mask))
         W_t, n = W_t.detach(), max(1, CHUNK // len(W_s))  # n positions per chunk
         per_token, g_s, g_W = [], torch.zeros_like(s), None
         for j in (slice(i, i + n) for i in range(0, B * C, n)):
@@ -407,7 +407,7 @@ class TokenLoss(torch.autograd.Function):
                 d = torch.where(m[j], divergence(h, t[j], y[j], W, W_t, temperature), 0.0)  # (n,)
                 wrt = [h, W] if W.requires_grad else [h]
                 with torch.autocast(h.device.type, enabled=False):  # fp32, as outside autocast
-                    g = torch.autograd.grad(d, wrt, weight.expand_as(d))
+                    g = torch.autograd.grad(d, wrt, weight.expand_as(d))  # d(weight * sum d)/d wrt
             per_token.append(d.detach())
             g_s[j] = g[0]
             if W.requires_grad:
@@ -420,7 +420,8 @@ class TokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         g_s, g_W = ctx.saved_tensors  # kept from the forward: scaled in place, no second copy
-        return g_s.mul_(g), None if g_W is None else g_W.mul_(g), *[None] * 7
+        g_W = None if g_W is None else g_W.mul_(g)
+        return None, g_s.mul_(g), None, None, g_W, None, None, None, None  # one per forward input
 
 
 # -----------------------------------------------------------------------------------------------
@@ -428,22 +429,23 @@ class TokenLoss(torch.autograd.Function):
 # -----------------------------------------------------------------------------------------------
 
 def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: list[list[dict]],
-              divergence=forward_kl, sample=student_rollouts, monitor=None,
+              divergence=forward_kl, sample=student_rollouts, monitor=None, per_rollout=(),
               autocast=contextlib.nullcontext(), timer=lambda phase: contextlib.nullcontext()):
     """One optimizer step on `micro_batches` (lists of encoded problems) -> (metrics, rollouts with
-    their per-token loss); a non-finite step is not applied. Parts II-III pass the others."""
+    their per-token loss); a non-finite step is not applied. Parts II-III pass the others: a
+    monitor's sums over a micro-batch, made means per token (per rollout: keys in per_rollout)."""
     ddp = isinstance(student, DDP)  # under torchrun (Part III), DDP wraps the student
     model, rollouts = student.module if ddp else student, []
     # the whole step's rollouts first: N must be known before the first backward
     with timer("generate"):
         for problems in micro_batches:
             with autocast:
-                comp, c_mask = sample(cfg, model, problems)  # (B, C): ŷ ~ p_S(. | x)
+                comp, c_mask = sample(cfg, model, problems)  # (B, C) ids, bool: ŷ ~ p_S(. | x)
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
-    N = sum(r["c_mask"].sum() for r in rollouts)  # the step's completion tokens
+    N = sum(r["c_mask"].sum() for r in rollouts)  # 0-dim long: the step's completion tokens
     if ddp:
         dist.all_reduce(N)  # ... of every process
-    # each token's weight in the loss, x W processes because DDP averages their gradients
+    # 0-dim: each token's weight in the loss, x W processes because DDP averages their gradients
     weight = 1.0 / N.clamp(min=1) * (dist.get_world_size() if ddp else 1)
     heads = teacher.heads(model)  # W_S (V, H), W_T (V, H'), fp32
     sums = {"loss": 0.0}
@@ -455,15 +457,15 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         last = i == len(rollouts) - 1
         with timer("student"), student.no_sync() if ddp and not last else contextlib.nullcontext():
             student.train()  # (a teacher may have set eval mode)
-            s_ids, s_mask = left_pad([p["student_ids"] for p in problems],
+            s_ids, s_mask = left_pad([p["student_ids"] for p in problems],  # (B, P_S): no reference
                                      model.generation_config.pad_token_id, model.device)
             with autocast:
                 s_h = completion_hidden(student, s_ids, s_mask, comp, c_mask)  # (B, C, H): p_S
                 # L = (1/N) sum over the step's N completion tokens n of
                 #     D(p_T(. | x, y*, ŷ_<n) || p_S(. | x, ŷ_<n)),  ŷ ~ p_S(. | x):
-                # per_token[b, n]: D at token n of rollout b; loss: this micro-batch's share of L
-                loss, per_token = TokenLoss.apply(s_h, heads[0], t_h, heads[1], comp, c_mask,
-                                                  divergence, cfg.temperature, weight)
+                # per_token (B, C): D at token n of rollout b; loss: this micro-batch's share of L
+                loss, per_token = TokenLoss.apply(divergence, s_h, t_h, comp, *heads,
+                                                  cfg.temperature, c_mask, weight)
             loss.backward()
             sums["loss"] += per_token.sum().item()
             for k, v in (monitor(s_h, t_h, c_mask, per_token, heads) if monitor else {}).items():
@@ -483,23 +485,23 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         teacher.update(model)
     optimizer.zero_grad(set_to_none=True)
     n = N.item()
-    means = {k: v / n for k, v in zip(sums, totals)}  # per token; then per rollout
+    means = {k: v / (n_rollouts if k in per_rollout else n) for k, v in zip(sums, totals)}
     return {**means, "completion_len": n / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
             "grad_norm": grad_norm.item()}, rollouts
 
 
-def train_loop(cfg: Config, step, plan: list[list[dict]], evaluate, log_step, first: int = 1,
+def train_loop(cfg: Config, step, plan: list[list[dict]], eval_at, log_step, first: int = 1,
                end_step=None) -> None:
-    """Steps first .. max_steps: step(the plan's next grad_accum micro-batches), log_step; evaluate
-    at step 0 (unless resumed), every eval_every steps and at the last; end_step: Part III's."""
+    """Steps first .. max_steps: step(the plan's next grad_accum micro-batches), log_step;
+    eval_at(s) at step 0 (not when resumed), each eval_every steps, the last; end_step: Part III."""
     if first == 1:
-        evaluate(0)  # the initial weights: the baseline
+        eval_at(0)  # the initial weights: the baseline
     for s in range(first, cfg.max_steps + 1):
         metrics, rollouts = step(plan[(s - 1) * cfg.grad_accum:s * cfg.grad_accum])
         log_step(s, metrics, rollouts)
         scheduled = s == cfg.max_steps or bool(cfg.eval_every and s % cfg.eval_every == 0)
         if scheduled:
-            evaluate(s)
+            eval_at(s)
         if end_step:
             end_step(s, scheduled)
 
@@ -509,12 +511,17 @@ def train_loop(cfg: Config, step, plan: list[list[dict]], evaluate, log_step, fi
 # -----------------------------------------------------------------------------------------------
 # Greedy, one answer per problem, graded leniently: a small model's format slips hide nothing.
 
-def grade(text: str, gold: str) -> tuple[bool, list]:
-    """(right?, the answer math-verify read: [value, string], [] for none): 1,234 equals 1234,
-    0.5 equals \\frac{1}{2}; the gold is parsed inside \\boxed{} (pitfall 14). Main thread only."""
-    from math_verify import parse, verify
-    answer = final_answer(text)
-    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
+def last_boxed(text: str) -> str | None:
+    """What the last brace-matched \\boxed{...} holds, stripped; None without one or unbalanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
 
 
 MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2212\u2012\u2013\ufe63\uff0d", "-"))  # and dashes
@@ -531,17 +538,12 @@ def final_answer(text: str) -> list:
     return parse(text if box is None else f"\\boxed{{{box}}}")
 
 
-def last_boxed(text: str) -> str | None:
-    """What the last brace-matched \\boxed{...} holds, stripped; None without one or unbalanced."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth, i = 1, start + len("\\boxed{")
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
+def grade(text: str, gold: str) -> tuple[bool, list]:
+    """(right?, the answer math-verify read: [value, string], [] for none): 1,234 equals 1234,
+    0.5 equals \\frac{1}{2}; the gold is parsed inside \\boxed{} (pitfall 14). Main thread only."""
+    from math_verify import parse, verify
+    answer = final_answer(text)
+    return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
 
 
 @torch.no_grad()
@@ -603,7 +605,7 @@ class VariantConfig(Config):
                     ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
     beta: float = arg(0.5, "jsd mixture weight (GKD convention: 0 = forward KL, 1 = reverse KL)")
     clip: str = arg("none", "clip each vocabulary term (pointwise: the authors') or each token's "
-                    "sum (token) at --clip-tau; README: why none", ["none", "pointwise", "token"])
+                    "sum (token) at --clip-tau; figures/: why none", ["none", "pointwise", "token"])
     clip_tau: float = arg(0.05, "clip threshold (the authors': 0.05 thinking, ~1e-6 not)")
     top_k_loss: int | None = arg(None, "the divergence on the teacher's top-k tokens, renormalised")
     teacher: str = arg("fixed", "teacher weights: the frozen initial copy, the student's own, or "
@@ -614,10 +616,55 @@ class VariantConfig(Config):
     eval_samples: int = arg(0, "also K sampled answers per problem: avg@K, pass@K, distinct "
                             "answers; 0: greedy only")
     eval_temperature: float = arg(1.0, "temperature of --eval-samples")
-    eval_top_p: float = arg(0.95, "top-p of --eval-samples")
+    eval_top_p: float = arg(0.95, "top-p of --eval-samples (--no-eval-thinking: 0.8, the authors')")
+    eval_greedy: bool = arg(True, "greedy answers (student_acc); off: --eval-samples only")
+    eval_thinking: bool | None = arg(None, "both roles' template mode at evaluation (default: the "
+                                     "student's)")
+    eval_max_new_tokens: int | None = arg(None, "evaluation budget (default: --max-new-tokens)")
+    prompts: str = arg("ours", "message layouts: ours, or the authors' (reference markers; no "
+                       "'Problem: ' at evaluation)", ["ours", "authors"])
     grader: str = arg("lenient", "math-verify reads the last \\boxed{}, else (lenient) the last "
                       "answer in the text; math-verify: boxed only (the authors')",
                       ["lenient", "math-verify"])
+
+
+# --- Prompts and evaluation: --prompts, --eval-thinking, --eval-max-new-tokens ---
+
+def authors_teacher_message(problem: str, reference: str, instruction: str, transition: str) -> str:
+    """--prompts authors: their markers and spacing (data_collator.py at 7448751, lines 97-103)."""
+    return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
+            f"=== Reference Solution Begin ===\n{reference}\n=== Reference Solution End ===\n\n\n"
+            f"{transition}\n\n{instruction}")
+
+
+def authors_eval_message(problem: str, instruction: str) -> str:
+    """--prompts authors: the student's evaluation message (eval/evaluate_math.py, line 341)."""
+    return f"{problem}\n\n{instruction}"
+
+
+def messages_for(cfg: VariantConfig, evaluation: bool = False) -> tuple:
+    """encode_problems' (student, teacher) message builders for training or evaluation."""
+    authors = cfg.prompts == "authors"
+    student = authors_eval_message if authors and evaluation else student_message
+    return student, authors_teacher_message if authors else teacher_message
+
+
+def evaluation_config(cfg: VariantConfig) -> VariantConfig:
+    """cfg as evaluation reads it: the student's template mode (the teacher's evaluation prompt
+    follows it: the reference is the roles' only difference) and the token budget."""
+    thinking = cfg.student_thinking if cfg.eval_thinking is None else cfg.eval_thinking
+    return dataclasses.replace(cfg, student_thinking=thinking,
+                               max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
+
+
+def evaluation_line(cfg: VariantConfig, thinks: bool) -> str:
+    """The run's line on evaluation_config's cfg: template mode, budget, decoding."""
+    mode = f"thinking {'on' if cfg.student_thinking else 'off'}" if thinks else "one template mode"
+    how = ["greedy"] if cfg.eval_greedy else []
+    if cfg.eval_samples:
+        how.append(f"avg@{cfg.eval_samples} at T {cfg.eval_temperature}, top-p {cfg.eval_top_p}")
+    return (f"evaluation: student and teacher with {mode}, up to {cfg.max_new_tokens:,} new tokens "
+            f"each; {' and '.join(how)}")
 
 
 # --- Losses: --loss, --clip, --top-k-loss ---
@@ -667,7 +714,7 @@ def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0
     if clip == "pointwise":
         # A clipped term is constant, but the softmax couples it to the rest. Forward KL with the
         # clipped set C: dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C), > 0 for a clipped j:
-        # descent *lowers* the logit the teacher prefers most (the notebook shows it; README).
+        # descent *lowers* the logit the teacher prefers most (the notebook shows it).
         terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
     per_token = terms.sum(-1)  # (n,)
     return per_token.clamp(max=clip_tau) if clip == "token" else per_token  # the token's sum at tau
@@ -691,9 +738,8 @@ def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Te
 
 def monitor_for(cfg: VariantConfig, D):
     """The step's monitor: sums over a micro-batch of `divergence` (the unclipped forward KL, also
-    at the first token: deviation 7), `clip_frac` (tokens clipped), each role's entropy H(p) (a
-    student that stops exploring, not one that learns, lowers H(p_S) with the divergence) and
-    `mass_outside_sampler` (p_S's mass outside a truncated sampler's set). SFT: H(p_S) alone."""
+    at the first token: deviation 7), `clip_frac`, each role's entropy H(p) (a student that stops
+    exploring lowers H(p_S)) and `mass_outside_sampler` (pitfall 7). SFT: H(p_S) alone."""
     @torch.no_grad()
     def monitor(s_h, t_h, mask, per_token, heads):
         chunk = max(1, CHUNK // len(heads[0]))
@@ -712,7 +758,7 @@ def monitor_for(cfg: VariantConfig, D):
                                                               (heads, cfg.temperature), chunk)
         out["divergence"] = kl.sum().item()
         # at the first completion token, where a thinking teacher expects <think> (pitfall 15);
-        # a sum over the rollouts, made a mean per rollout by configured_step
+        # a sum over the rollouts, which opsd_step makes a mean per rollout (per_rollout)
         out["divergence_first_token"] = kl[:, 0].sum().item()
         if cfg.clip != "none" and cfg.loss != "sampled_token":  # the same loss, unclipped
             unclipped = functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta,
@@ -780,6 +826,23 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
 
 # --- Teachers: --teacher, --lora-rank, --teacher-model, --method sft ---
 
+def cast_weights(model, dtype):
+    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
+    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def copy_model(model, memo=None):
+    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
+    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
+    clone = copy.deepcopy(model, memo)
+    for m in clone.modules():
+        m.__dict__.pop("_compiled_call", None)
+    return clone
+
+
 def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> Teacher:
     """The teacher the flags ask for; dtype: a frozen teacher's (an EMA stays fp32: deviation 8)."""
     if cfg.teacher_model:
@@ -788,7 +851,15 @@ def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> T
         return CurrentTeacher(student)
     if cfg.teacher == "ema":
         return (AdapterEMATeacher if is_lora(student) else EMATeacher)(student, cfg.ema_decay)
-    return AdapterOffTeacher(student) if is_lora(student) else Teacher(student, dtype)
+    return AdapterOffTeacher(student) if is_lora(student) else FixedTeacher(student, dtype)
+
+
+class FixedTeacher(Teacher):
+    """Part I's fixed teacher as a run builds it: parameters in dtype (bf16 on CUDA, deviation 8)
+    with fp32 buffers (pitfall 16), a copy without the student's compiled forward (pitfall 17)."""
+
+    def __init__(self, student, dtype=torch.float32):
+        self.model = cast_weights(copy_model(student).requires_grad_(False).eval(), dtype)
 
 
 class CurrentTeacher(Teacher):
@@ -799,7 +870,7 @@ class CurrentTeacher(Teacher):
         self.model = student
 
 
-class EMATeacher(Teacher):
+class EMATeacher(FixedTeacher):
     """An fp32 copy that follows the student: theta_T <- d theta_T + (1 - d) theta_S per step."""
     frozen = False
 
@@ -936,12 +1007,13 @@ def grade_boxed(text: str, gold: str) -> tuple[bool, list]:
 def sampled_evaluation(model, teacher: Teacher | None, tok, eval_set: list[dict],
                        cfg: VariantConfig, decode=rollout, grade=grade, seed: int = 0) -> dict:
     """K = --eval-samples answers per problem and role, seeded with `seed` (not training's RNG):
-    sums over the problems of avg_at_k (the share right: avg@K), pass_at_k (any right) and distinct
-    (distinct final answers: the diversity self-distillation can narrow)."""
+    sums over the problems of avg_at_k (avg@K), pass_at_k (any right) and distinct (distinct final
+    answers: what self-distillation can narrow); samples: the first answers to three problems."""
     roles = {"student": (model, "student_ids", contextlib.nullcontext)}
     if teacher is not None:
         roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
-    K, out = cfg.eval_samples, {}
+    samples = [{"problem": p["problem"], "gold": p["answer"]} for p in eval_set[:3]]
+    K, out = cfg.eval_samples, {"samples": samples}
     for role, (m, key, weights) in roles.items():
         sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
         per_call = max(1, 2 * cfg.batch_size // K)  # problems per generate
@@ -954,8 +1026,12 @@ def sampled_evaluation(model, teacher: Teacher | None, tok, eval_set: list[dict]
                                           cfg.max_new_tokens, cfg.eval_temperature,
                                           top_p=cfg.eval_top_p)
                 for j, p in enumerate(chunk):  # problem j's K answers
-                    graded = [grade(tok.decode(comp[r][c_mask[r]], skip_special_tokens=True),
-                                    p["answer"]) for r in range(j * K, (j + 1) * K)]
+                    texts = [tok.decode(comp[r][c_mask[r]], skip_special_tokens=True)
+                             for r in range(j * K, (j + 1) * K)]
+                    graded = [grade(text, p["answer"]) for text in texts]
+                    if i + j < len(samples):
+                        samples[i + j].update({f"{role}_completion": texts[0],
+                                               f"{role}_answer": (graded[0][1] or [None])[-1]})
                     sums["avg_at_k"] += sum(ok for ok, _ in graded) / K
                     sums["pass_at_k"] += any(ok for ok, _ in graded)
                     sums["distinct"] += len({value_key(answer) for _, answer in graded})
@@ -998,7 +1074,7 @@ class RunConfig(VariantConfig):
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
 
-# the authors' teacher instruction, its intent in our words (README: measured on the laptop)
+# the authors' teacher instruction, its intent in our words (measured: figures/README.md)
 PAPER_TRANSITION = ("Read the reference until you see why each step is taken. Do not copy it or reword it: work the "
                     "problem out yourself, step by step, checking each step and rethinking any that does not hold, "
                     "and reach the same final answer.")
@@ -1016,8 +1092,10 @@ PRESETS = {
     "paper": dict(model="Qwen3-1.7B", dataset="gsm8k", student_thinking=False, teacher_thinking=True,
                   teacher_transition=PAPER_TRANSITION, lora_rank=64, lora_alpha=128, clip="pointwise", clip_tau=0.05,
                   temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=1024, lr=5e-6, max_grad_norm=0.1,
-                  batch_size=8, grad_accum=4, teacher="fixed", max_steps=100, eval_every=25, eval_samples=12,
-                  eval_temperature=1.0, eval_top_p=0.95, grader="math-verify"),
+                  batch_size=8, grad_accum=4, teacher="fixed", max_steps=100, prompts="authors",
+                  # their evaluation (eval/ at 7448751) on 30 problems at steps 0, 50, 100 (README: cost)
+                  eval_size=30, eval_every=50, eval_greedy=False, eval_thinking=True, eval_max_new_tokens=38912,
+                  eval_samples=12, eval_temperature=1.0, eval_top_p=0.95, grader="math-verify"),
 }
 
 
@@ -1034,14 +1112,18 @@ def parse_args(argv=None) -> RunConfig:
         p.add_argument(flag, **kw)
     given = vars(p.parse_args(argv))  # only the flags the user typed (SUPPRESS drops the rest)
     cfg = RunConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
+    if cfg.eval_thinking is False and "eval_top_p" not in given:
+        cfg.eval_top_p = 0.8  # the authors' evaluation without thinking (evaluate_math.py at 7448751)
     cfg.typed = frozenset(given)  # not a setting: the flags typed, for prepare's notes
     return cfg
 
 
 def check_config(cfg: RunConfig) -> None:
-    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm"):
-        if getattr(cfg, name) <= 0:
-            raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {getattr(cfg, name)})")
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm",
+                 "eval_max_new_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {value})")
     if cfg.keep_checkpoints < 1:
         raise OPSDError(f"--keep-checkpoints must be at least 1 (got {cfg.keep_checkpoints})")
     if min(cfg.eval_every, cfg.eval_size, cfg.eval_samples) < 0:
@@ -1057,6 +1139,8 @@ def check_config(cfg: RunConfig) -> None:
     if not (0.0 < cfg.top_p <= 1.0 and 0.0 < cfg.eval_top_p <= 1.0) or cfg.top_k < 0:
         raise OPSDError(f"--top-p and --eval-top-p must lie in (0, 1] and --top-k be 0 (off) or positive (got "
                         f"{cfg.top_p}, {cfg.eval_top_p}, {cfg.top_k})")
+    if not cfg.eval_greedy and cfg.eval_size and not cfg.eval_samples:
+        raise OPSDError("--no-eval-greedy leaves nothing to evaluate: add --eval-samples K (the authors: 12)")
     if cfg.eval_temperature <= 0:
         raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default")
     if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
@@ -1129,6 +1213,9 @@ def check_vocab(tok, vocab_of, name: str) -> None:
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# ChatML with Qwen3's thinking switch: an empty think block after the header when thinking is off
+QWEN3_CHATML = CHATML.replace("assistant\n{% endif %}", "assistant\n{% if enable_thinking is defined and "
+                              "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 # Published shapes (their config.json): speed and memory depend on shapes, not on weight values.
 RANDOM_SHAPES = {
@@ -1139,19 +1226,24 @@ RANDOM_SHAPES = {
     "Qwen2.5-7B": ("Qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
     "Qwen3-1.7B": ("Qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                                 max_position_embeddings=40960)),
 }
 
 
 def build_random(name: str, seed: int, device):
-    """A published shape, random weights (to measure), the tiny model's tokenizer (valid ids)."""
+    """A published shape, random weights (to measure), the tiny model's tokenizer (valid ids; for
+    Qwen3, with its template's thinking switch)."""
     import transformers
     shape = name.removeprefix("random:")
     if shape not in RANDOM_SHAPES:
         raise OPSDError(f"{name} is not a known shape; use one of " + ", ".join(f"random:{k}" for k in RANDOM_SHAPES))
     _, tok = build_tiny(seed)
     arch, dims = RANDOM_SHAPES[shape]
-    config = getattr(transformers, f"{arch}Config")(**dims, max_position_embeddings=32768, rope_theta=1e6,
+    if arch == "Qwen3":
+        tok.add_tokens(["<think>", "</think>"], special_tokens=True)
+        tok.chat_template = QWEN3_CHATML
+    config = getattr(transformers, f"{arch}Config")(**{"max_position_embeddings": 32768, **dims}, rope_theta=1e6,
                                                     rms_norm_eps=1e-6)
     config.eos_token_id, config.pad_token_id = tok.eos_token_id, tok.pad_token_id
     with torch.random.fork_rng(devices=[]), torch.device(device):
@@ -1374,7 +1466,7 @@ def fast_rollout(bucket: int):
 
 @functools.cache
 def one_dtype_static_cache():
-    """StaticCache with keys in the values' dtype (bf16 autocast leaves the keys fp32: README)."""
+    """StaticCache with keys in the values' dtype (bf16 autocast leaves the keys fp32)."""
     from transformers import StaticCache
 
     class OneDtypeStaticCache(StaticCache):
@@ -1757,6 +1849,7 @@ class Run:
     plan: list               # every step's micro-batches, as keys of `encoded`
     encoded: dict
     eval_set: list
+    eval_cfg: RunConfig      # evaluation_config(cfg): the template mode and budget at evaluation
     first: int = 1
     teacher_eval: dict | None = None
     last_eval: dict | None = None
@@ -1775,9 +1868,8 @@ def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, 
     D = divergence_for(cfg)
     metrics, rollouts = opsd_step(
         cfg, student, NoTeacher(teacher) if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
-        sampler_for(cfg, tok, decode), monitor_for(cfg, D), autocast, timer or (lambda phase: contextlib.nullcontext()))
-    if "divergence_first_token" in metrics:  # opsd_step divided it by the N tokens: x N / rollouts
-        metrics["divergence_first_token"] *= metrics["completion_len"]
+        sampler_for(cfg, tok, decode), monitor_for(cfg, D), ("divergence_first_token",), autocast,
+        timer or (lambda phase: contextlib.nullcontext()))
     return {k: metrics.get(k) for k in TRAIN_KEYS}, rollouts
 
 
@@ -1813,7 +1905,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress,
                    dynamic_ncols=True)
 
-    def evaluate(step):
+    def eval_at(step):
         if run.eval_set:
             run_eval(run, step)
         if step == 0:
@@ -1844,7 +1936,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
                      div="-" if line["divergence"] is None else f"{line['divergence']:.3f}")
 
     def end_step(step, evaluated):
-        acc = f"{run.last_eval['student_acc']:.2f}/{run.last_eval['teacher_acc']:.2f}" if run.last_eval else "-"
+        key = "acc" if cfg.eval_greedy else "avg_at_k"  # the headline: greedy, else avg@K
+        acc = f"{run.last_eval[f'student_{key}']:.2f}/{run.last_eval[f'teacher_{key}']:.2f}" if run.last_eval else "-"
         bar.set_postfix(**shown, acc=acc, refresh=False)
         bar.update(1)
         stopping = all_reduce([float(stop.signum is not None)], run.device, op="max")[0] > 0  # all stop together
@@ -1860,7 +1953,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         run.say(f"resumed from checkpoint-step{run.first - 1}: steps {run.first} to {cfg.max_steps}")
         start()
     try:
-        train_loop(cfg, step, plan, evaluate, log_step, run.first, end_step)
+        train_loop(cfg, step, plan, eval_at, log_step, run.first, end_step)
     finally:
         if bar is not None:
             bar.close()  # before any error's line
@@ -1900,7 +1993,7 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
         say(f"note: --student-thinking and --teacher-thinking have no effect: {cfg.model}'s template never thinks")
     if thinks and cfg.student_thinking != cfg.teacher_thinking and not cfg.teacher_model:
         say(f"note: the {'teacher' if cfg.teacher_thinking else 'student'}'s template thinks, the other's not: see "
-            "divergence_first_token (pitfall 15); the teacher is evaluated in the student's mode")
+            "divergence_first_token (pitfall 15)")
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and cuda_paths(device)):
         # transformers 5.2x renamed it (the old name warns); both take the checkpoint kwargs first
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -1913,15 +2006,18 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     say(f"parameters: {n_trainable:,} trainable / {n_params:,} total ({n_trainable / n_params:.2%}); {how}")
     context = getattr(model.config, "max_position_embeddings", None)
     plan, encoded, skipped = draw_plan(cfg, tok, train_set, context, rank, world)
-    eval_set = encode_problems(tok, held_out[:cfg.eval_size], cfg, context,
-                               privileged_text(held_out[:cfg.eval_size], cfg.privileged))
+    eval_cfg = evaluation_config(cfg)
+    eval_set = encode_problems(tok, held_out[:cfg.eval_size], eval_cfg, context,
+                               privileged_text(held_out[:cfg.eval_size], cfg.privileged), messages_for(cfg, True))
     if eval_set and not any(eval_set):
         raise OPSDError(f"none of the {len(eval_set)} held-out problems fits the model's context of {context} tokens "
-                        f"with --max-new-tokens {cfg.max_new_tokens}; lower it")
+                        f"with {eval_cfg.max_new_tokens} new tokens; lower --max-new-tokens or --eval-max-new-tokens")
     if skipped or None in eval_set:
         say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems whose prompt plus "
-            f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's context of {context} tokens")
+            f"new tokens exceed the model's context of {context} tokens")
     eval_set = [r for r in eval_set if r is not None]
+    if eval_set:
+        say(evaluation_line(eval_cfg, thinks))
     # find_unused_parameters stays False: an untied LM head is used outside the module's forward (section 7),
     # and with True DDP would mark its gradient ready twice ("Expected to mark a variable ready only once")
     student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
@@ -1932,7 +2028,8 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     run = Run(cfg, rank, world, device, say, out_dir, model, student, tok, teacher,
               optimizer=torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0),  # the authors' (torch: 0.01)
               autocast=torch.autocast(device.type, dtype=half, enabled=half != torch.float32),  # CPU: off
-              bucket=bucket, decode=fast_rollout(bucket), plan=plan, encoded=encoded, eval_set=eval_set)
+              bucket=bucket, decode=fast_rollout(bucket), plan=plan, encoded=encoded, eval_set=eval_set,
+              eval_cfg=eval_cfg)
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
     if resumed:  # the fixed teacher was built from the initial weights, as it should be
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
@@ -1957,7 +2054,8 @@ def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, r
         for plan in plans:
             ids = sorted({i for micro in plan for i in micro})
             seen = [train_set[i] for i in ids]
-            encoded.append(dict(zip(ids, encode_problems(tok, seen, cfg, context, privileged_text(seen, cfg.privileged)))))
+            encoded.append(dict(zip(ids, encode_problems(tok, seen, cfg, context, privileged_text(seen, cfg.privileged),
+                                                         messages_for(cfg)))))
         too_long = {i for share in encoded for i, record in share.items() if record is None}
         if not too_long:
             return plans[rank], encoded[rank], len(skip)
@@ -1983,17 +2081,17 @@ def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_tra
 
 def run_eval(run: Run, step: int) -> None:
     """Evaluate each process's slice; log the counts summed over all n."""
-    cfg = run.cfg
+    cfg = run.eval_cfg
     k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)
     skip_teacher = run.teacher.frozen and run.teacher_eval is not None
     teacher, shard = None if skip_teacher else run.teacher, run.eval_set[run.rank * k:(run.rank + 1) * k]
     grade_fn = grade_boxed if cfg.grader == "math-verify" else grade
     with run.autocast:
-        res = evaluate(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn)
-        if cfg.eval_samples:
-            res.update(sampled_evaluation(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn,
-                                          seed=1_000_000 * cfg.seed + 1_000 * step + run.rank))
-    names = ["correct"] + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
+        res = evaluate(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn) if cfg.eval_greedy else {}
+        if cfg.eval_samples:  # the greedy answers, when there are some, are the ones samples.jsonl keeps
+            res = {**sampled_evaluation(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn,
+                                        seed=1_000_000 * cfg.seed + 1_000 * step + run.rank), **res}
+    names = (["correct"] if cfg.eval_greedy else []) + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
     keys = [f"{role}_{name}" for role in ("student", "teacher") for name in names]
     sums = all_reduce([res.get(key) or 0 for key in keys], run.device)
     scores = {key.replace("_correct", "_acc"): total / n for key, total in zip(keys, sums)}
@@ -2078,8 +2176,9 @@ def main(argv=None) -> int:
         return 0
     _, evals = read_metrics(out)
     if evals:
-        print(f"done: student accuracy {evals[0]['student_acc']:.1%} -> {evals[-1]['student_acc']:.1%}, "
-              f"privileged teacher {evals[-1]['teacher_acc']:.1%} (n={evals[-1]['n']}); outputs in {out}")
+        key, what = ("acc", "accuracy") if "student_acc" in evals[0] else ("avg_at_k", f"avg@{evals[0]['k']}")
+        print(f"done: student {what} {evals[0][f'student_{key}']:.1%} -> {evals[-1][f'student_{key}']:.1%}, "
+              f"privileged teacher {evals[-1][f'teacher_{key}']:.1%} (n={evals[-1]['n']}); outputs in {out}")
     else:
         print(f"done: outputs in {out}")
     return 0
@@ -2088,7 +2187,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if "RANK" in os.environ:  # all is written: skip the interpreter's teardown, which can abort in C++
-        sys.stdout.flush()    # under torchrun (README), so that torchrun sees our exit code
+        sys.stdout.flush()    # under torchrun, so that torchrun sees our exit code
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)

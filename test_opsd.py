@@ -115,7 +115,7 @@ def token_loss(s_h, t_h, mask, heads=None, y=None, temperature=1.0, weight=None,
     saved = opsd.CHUNK
     opsd.CHUNK = chunk * len(heads[0]) if chunk else saved
     try:
-        return opsd.TokenLoss.apply(s_h, heads[0], t_h, heads[1], y, mask, divergence(**flags), temperature, weight)
+        return opsd.TokenLoss.apply(divergence(**flags), s_h, t_h, y, *heads, temperature, mask, weight)
     finally:
         opsd.CHUNK = saved
 
@@ -1956,7 +1956,8 @@ def test_a_copy_made_after_compiled_decoding_decodes_with_its_own_weights(monkey
     compiled = opsd.fast_rollout(64)
     compiled(model, prompts, 12)
     assert "_compiled_call" in vars(model)
-    teacher = opsd.Teacher(model)
+    teacher = opsd.teacher_for(opsd.RunConfig(), model)  # the fixed teacher, as a run builds it
+    assert isinstance(teacher, opsd.FixedTeacher)
     assert "_compiled_call" not in vars(teacher.model) and "_compiled_call" not in vars(opsd.cpu_copy(model))
     want = opsd.rollout(teacher.model, prompts, 12)[0]  # its own weights, no compiled call
     with torch.no_grad():
@@ -2075,8 +2076,8 @@ def test_the_committed_notebook_shows_the_outputs_of_a_full_run_of_this_opsd_py(
 
 
 def test_walkthrough_notebook_runs_in_quick_mode_and_every_cell_runs_again(monkeypatch):
-    """Quick mode, in memory (the committed file is never written): every cell, then every cell a
-    second time in the same kernel, so each run is made again in the same folder."""
+    """Quick mode, in memory (the committed file is never written): every cell twice in a row in the
+    same kernel, so each run is made again in the same folder and no cell deletes what it needs."""
     import nbformat
     from nbclient import NotebookClient
     monkeypatch.setenv("OPSD_QUICK", "1")
@@ -2085,8 +2086,8 @@ def test_walkthrough_notebook_runs_in_quick_mode_and_every_cell_runs_again(monke
     before = snapshot()
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}})
     with client.setup_kernel():
-        for _ in range(2):
-            for i, cell in enumerate(nb.cells):
+        for i, cell in enumerate(nb.cells):
+            for _ in range(2):  # twice in a row: what a learner does after editing a cell
                 client.execute_cell(cell, i)
     assert snapshot() == before  # quick mode never writes into figures/
 
@@ -2143,14 +2144,96 @@ def test_part_one_is_the_method_in_at_most_500_lines_naming_no_variant():
         {n for n, line in defined.items() if one < line <= two}
 
 
-def test_the_step_reaches_the_kl_line_two_calls_down():
-    """opsd_step calls TokenLoss (its forward), which calls forward_kl, whose body holds the sum over
-    the vocabulary; the head product is one call further (head_logits)."""
+def test_part_one_reads_top_to_bottom():
+    """Issue 33: no Part I code uses a Part I name defined further down (a function, class or constant,
+    or a method of its own class through self), and train_loop's callbacks shadow no Part I name."""
+    import ast
     import inspect
-    step, loss, kl = (inspect.getsource(f) for f in (opsd.opsd_step, opsd.TokenLoss.forward, opsd.forward_kl))
+    src, lines, (one, two, three, end) = parts()
+    tree = ast.parse(src)
+    nodes = [node for node in tree.body if one < node.lineno <= two]
+    where = {}
+    for node in nodes:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        where.update({name: node.lineno for name in names})
+    early = [(sub.id, sub.lineno) for node in nodes for sub in ast.walk(node)
+             if isinstance(sub, ast.Name) and where.get(sub.id, 0) > node.lineno]
+    assert not early, f"used before their definition: {early}"
+    for cls in (n for n in nodes if isinstance(n, ast.ClassDef)):
+        methods = {m.name: m.lineno for m in cls.body if isinstance(m, ast.FunctionDef)}
+        early = [(cls.name, sub.attr) for m in cls.body if isinstance(m, ast.FunctionDef) for sub in ast.walk(m)
+                 if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "self"
+                 and methods.get(sub.attr, 0) > m.lineno]
+        assert not early, f"methods used before their definition: {early}"
+    assert not set(inspect.signature(opsd.train_loop).parameters) & set(where)
+
+
+def test_the_step_reaches_the_kl_line_three_calls_down_and_the_plain_loss_shares_it():
+    """opsd_step calls TokenLoss (its forward), which calls forward_kl (the heads, head_logits, and the
+    two log-softmaxes), which calls kl, whose body holds the sum over the vocabulary. kl_loss, the plain
+    loss on whole logits, calls the same kl: the KL line is written once."""
+    import inspect
+    step, loss, fwd, kl, plain = (inspect.getsource(f) for f in (opsd.opsd_step, opsd.TokenLoss.forward,
+                                                                 opsd.forward_kl, opsd.kl, opsd.kl_loss))
     assert "TokenLoss.apply(" in step and "divergence=forward_kl" in step
     assert "divergence(h, t[j], y[j], W, W_t, temperature)" in loss
-    assert "(log_pt.exp() * (log_pt - log_ps)).sum(-1)" in kl and kl.count("head_logits(") == 2
+    assert fwd.count("head_logits(") == 2 and "kl(log_pt, log_ps)" in fwd and "kl(log_pt, log_ps)" in plain
+    assert "(log_p.exp() * (log_p - log_q)).sum(-1)" in kl
+    src = (HERE / "opsd.py").read_text()
+    assert src.count("(log_p.exp() * (log_p - log_q)).sum(-1)") == 1
+
+
+@pytest.mark.parametrize("chunk_positions", [3, 10_000])
+def test_the_plain_loss_and_token_loss_agree_in_value_and_gradients(tiny, chunk_positions):
+    """kl_loss on whole (B, C, V) logits and TokenLoss a chunk at a time (3 positions: many chunks;
+    10,000: one) give the same loss and the same gradients, for the student's hidden states and for
+    its LM head, on the tiny model's real rollouts, within 1e-6; the teacher's side gets none."""
+    model, tok = tiny
+    cfg = opsd.RunConfig(**opsd.PRESETS["smoke"])
+    records = opsd.encode_problems(tok, opsd.make_arithmetic(3, seed=5), cfg, None)
+    torch.manual_seed(0)
+    comp, c_mask = opsd.student_rollouts(cfg, model, records)  # (3, C); random weights: no EOS
+    c_mask[0, 4:], c_mask[2, 9:] = False, False  # as if rollouts 0 and 2 had stopped early
+    s_ids, s_mask = opsd.left_pad([r["student_ids"] for r in records], tok.pad_token_id)
+    t_ids, t_mask = opsd.left_pad([r["teacher_ids"] for r in records], tok.pad_token_id)
+    with torch.no_grad():
+        s_h = opsd.completion_hidden(model, s_ids, s_mask, comp, c_mask)  # (B, C, H)
+        t_h = opsd.completion_hidden(model, t_ids, t_mask, comp, c_mask).requires_grad_()
+    W = opsd.lm_head(model).detach().float()
+    grads = []
+    for fast in (False, True):
+        h, W_s = s_h.clone().requires_grad_(), W.clone().requires_grad_()
+        if fast:
+            saved, opsd.CHUNK = opsd.CHUNK, chunk_positions * len(W)
+            try:
+                loss, _ = opsd.TokenLoss.apply(opsd.forward_kl, h, t_h, comp, W_s, W, 1.3, c_mask,
+                                               1.0 / c_mask.sum())
+            finally:
+                opsd.CHUNK = saved
+        else:  # the equation as written, on whole logits
+            loss = opsd.kl_loss(opsd.head_logits(h, W_s), opsd.head_logits(t_h, W), c_mask, 1.3)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, W_s.grad))
+        assert t_h.grad is None  # no gradient reaches the teacher
+    (plain, g_h, g_W), (fast, f_h, f_W) = grads
+    assert plain.item() > 0
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(f_h, g_h, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(f_W, g_W, atol=1e-6, rtol=1e-6)
+    assert g_h.abs().sum() > 0 and not g_h[~c_mask].any()  # masked positions get no gradient
+
+
+def test_kl_loss_is_the_token_mean_of_kl_in_float64():
+    """kl_loss against the equation in float64: (1/N) sum over the unmasked (b, n) of
+    sum_v p_T(v) (log p_T(v) - log p_S(v)), both sides at the temperature."""
+    torch.manual_seed(3)
+    s, t = torch.randn(2, 5, 11) * 3, torch.randn(2, 5, 11) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    log_ps, log_pt = (s.double() / 0.7).log_softmax(-1), (t.double() / 0.7).log_softmax(-1)
+    want = (log_pt.exp() * (log_pt - log_ps)).sum(-1)[mask].mean()
+    assert opsd.kl_loss(s, t, mask, 0.7).item() == pytest.approx(want.item(), rel=1e-6)
+    assert opsd.kl_loss(s, s, mask).item() == pytest.approx(0.0, abs=1e-6)  # no divergence from itself
 
 
 def test_the_loop_of_part_one_steps_through_the_plan_and_evaluates_on_schedule():
@@ -2274,7 +2357,9 @@ PAPER = {  # the authors' recipe (README: each setting and its source)
     "model": "Qwen3-1.7B", "student_thinking": False, "teacher_thinking": True, "lora_rank": 64, "lora_alpha": 128,
     "clip": "pointwise", "clip_tau": 0.05, "temperature": 1.1, "top_p": 0.95, "top_k": 20, "max_new_tokens": 1024,
     "lr": 5e-6, "max_grad_norm": 0.1, "teacher": "fixed", "loss": "forward_kl", "eval_samples": 12,
-    "eval_temperature": 1.0, "eval_top_p": 0.95, "grader": "math-verify", "dataset": "gsm8k"}
+    "eval_temperature": 1.0, "eval_top_p": 0.95, "grader": "math-verify", "dataset": "gsm8k",
+    # their evaluation (eval/ at 7448751): thinking, 38,912 tokens, sampled only; their message layouts
+    "eval_thinking": True, "eval_max_new_tokens": 38912, "eval_greedy": False, "prompts": "authors"}
 
 
 def test_preset_paper_resolves_to_the_authors_values_and_flags_override_it():
@@ -2289,9 +2374,102 @@ def test_two_steps_of_a_tiny_qwen3_under_the_paper_preset(tiny_qwen3, tmp_path, 
     out = opsd.train(opsd.parse_args([
         "--preset", "paper", "--model", tiny_qwen3, "--dataset", "arithmetic", "--device", "cpu", "--max-new-tokens",
         "12", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "2", "--eval-every", "2", "--eval-size", "4",
-        "--eval-samples", "2", "--lora-rank", "4", "--lora-alpha", "8", "--output-dir", str(tmp_path / "r")]),
+        "--eval-samples", "2", "--eval-max-new-tokens", "16", "--lora-rank", "4", "--lora-alpha", "8",
+        "--output-dir", str(tmp_path / "r")]),
         progress=False)
     train, evals = opsd.read_metrics(out)
     assert [l["step"] for l in train] == [1, 2] and [l["step"] for l in evals] == [0, 2]
     assert all(math.isfinite(l["loss"]) and l["divergence_first_token"] > 0 and l["clip_frac"] >= 0 for l in train)
     assert "teacher_avg_at_k" in evals[0] and "the teacher's template thinks, the other's not" in capsys.readouterr().out
+
+
+# --- issue 34: --preset paper evaluates as the authors do --------------------------------------------
+
+def test_the_paper_presets_teacher_message_has_the_authors_markers_and_layout():
+    """Their collator at 7448751 (data_collator.py, lines 97-103): the markers 'Reference Solution Begin/End',
+    the transition two blank lines below the end marker, one blank line before the instruction. The default
+    message is unchanged."""
+    cfg = opsd.parse_args(["--preset", "paper"])
+    student, teacher = opsd.messages_for(cfg)
+    got = teacher("Ava has 3 apples.", "3 + 2 = 5. \\boxed{5}", cfg.instruction, "Now solve it.")
+    assert got == ("Problem: Ava has 3 apples.\n\nHere is a reference solution to this problem:\n"
+                   "=== Reference Solution Begin ===\n3 + 2 = 5. \\boxed{5}\n=== Reference Solution End ===\n\n\n"
+                   "Now solve it.\n\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    assert student is opsd.student_message  # training: 'Problem: ...', as theirs
+    assert opsd.messages_for(cfg, evaluation=True)[0]("Ava has 3 apples.", "I.") == "Ava has 3 apples.\n\nI."
+    default = opsd.RunConfig()
+    assert opsd.messages_for(default) == opsd.messages_for(default, True) == (opsd.student_message, opsd.teacher_message)
+    assert "=== Reference solution ===\n3\n=== End of reference solution ===\n\n" in opsd.teacher_message("x", "3", "I.")
+
+
+def test_evaluation_settings_default_to_the_training_ones():
+    """Default runs evaluate as before: the student's training mode, --max-new-tokens, greedy; the
+    authors' non-thinking top-p (0.8) only when --no-eval-thinking is typed without --eval-top-p."""
+    cfg = opsd.parse_args([])
+    assert opsd.evaluation_config(cfg) == cfg and cfg.eval_greedy and cfg.eval_top_p == 0.95
+    think = opsd.evaluation_config(opsd.RunConfig(eval_thinking=True, eval_max_new_tokens=99, max_new_tokens=7))
+    assert think.student_thinking is True and think.max_new_tokens == 99
+    assert opsd.parse_args(["--preset", "paper", "--no-eval-thinking"]).eval_top_p == 0.8
+    assert opsd.parse_args(["--preset", "paper", "--no-eval-thinking", "--eval-top-p", "0.9"]).eval_top_p == 0.9
+    assert opsd.parse_args(["--preset", "paper"]).eval_top_p == 0.95
+
+
+@pytest.mark.parametrize("eval_thinking", [True, False])
+def test_the_paper_preset_evaluates_thinking_at_its_budget_sampled_only(tiny_qwen3, tmp_path, capsys, monkeypatch,
+                                                                       eval_thinking):
+    """On a tiny Qwen3 with Qwen3's template: the evaluation renders the student's message (the authors' layout,
+    no 'Problem: ') in the evaluation's thinking mode, the teacher's too; generate gets the evaluation budget,
+    not the rollout cap; no greedy pass; top-p 0.95 thinking, 0.8 without (their rule); one line says so."""
+    calls, real = [], opsd.rollout
+    def spy(model, prompts, max_new_tokens, temperature=None, *args, **kw):
+        calls.append((prompts, max_new_tokens, temperature, kw.get("top_p")))
+        return real(model, prompts, max_new_tokens, temperature, *args, **kw)
+    monkeypatch.setattr(opsd, "rollout", spy)
+    args = ["--preset", "paper", "--model", tiny_qwen3, "--dataset", "arithmetic", "--device", "cpu",
+            "--max-new-tokens", "5", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "1", "--eval-size", "2",
+            "--eval-samples", "2", "--eval-max-new-tokens", "9", "--lora-rank", "4", "--output-dir", str(tmp_path / "r")]
+    out = opsd.train(opsd.parse_args(args + ([] if eval_thinking else ["--no-eval-thinking"])), progress=False)
+    said = capsys.readouterr().out
+    top_p = 0.95 if eval_thinking else 0.8
+    assert f"evaluation: student and teacher with thinking {'on' if eval_thinking else 'off'}, up to 9 new tokens " \
+           f"each; avg@2 at T 1.0, top-p {top_p}" in said
+    train = [c for c in calls if c[1] == 5]
+    evals = [c for c in calls if c[1] != 5]
+    assert len(train) == 1 and train[0][2] == 1.1 and train[0][3] == 0.95  # the rollouts: the authors' sampler
+    assert evals and all(c[1] == 9 and c[2] == 1.0 and c[3] == top_p for c in evals)  # sampled only, at the budget
+    model, tok = opsd.load_model(tiny_qwen3)
+    block = think_block(tok)
+    prompts = [p for c in evals for p in c[0]]
+    student = [p for p in prompts if "Problem:" not in tok.decode(p)]
+    teacher = [p for p in prompts if "Reference Solution Begin" in tok.decode(p)]
+    assert student and teacher and len(student) + len(teacher) == len(prompts)
+    for p in student + teacher:  # the same mode for both roles: the reference is their only difference
+        assert (p[-len(block):] == block) != eval_thinking
+    evals_logged = opsd.read_metrics(out)[1]
+    assert "student_acc" not in evals_logged[0] and "student_avg_at_k" in evals_logged[0]
+    samples = [json.loads(l) for l in open(out / "samples.jsonl")]
+    assert samples and "student_completion" in samples[0] and "teacher_completion" in samples[0]
+
+
+def test_evaluation_options_are_refused_when_they_cannot_work(tmp_path, capsys):
+    base = ["--preset", "smoke", "--output-dir", str(tmp_path / "r")]
+    assert opsd.main(base + ["--no-eval-greedy"]) == 2
+    assert "--no-eval-greedy leaves nothing to evaluate" in capsys.readouterr().err
+    assert opsd.main(base + ["--eval-max-new-tokens", "0"]) == 2
+    assert "--eval-max-new-tokens must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_names_the_qwen3_aliases_and_the_evaluation_options(capsys):
+    with pytest.raises(SystemExit):
+        opsd.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ["Qwen3-1.7B", "random:Qwen3-1.7B", "--eval-thinking", "--eval-max-new-tokens", "--no-eval-greedy",
+                  "--prompts {ours,authors}"]:
+        assert words in text, words
+
+
+def test_random_qwen3_has_the_published_context_and_a_thinking_template():
+    model, tok = opsd.load_model("random:Qwen3-1.7B", device="meta")
+    assert model.config.max_position_embeddings == 40960
+    assert opsd.encode_chat(tok, "x", True) != opsd.encode_chat(tok, "x", False)
