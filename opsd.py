@@ -283,11 +283,11 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> torch.Tensor:
     """(B, C, H) final hidden states: row n is what the LM head turns into the distribution over
-    completion token n given the prompt and completion tokens 0..n-1."""
+    completion token n given the prompt (B, P) and completion tokens 0..n-1 (B, C)."""
     C = completion.shape[1]
     input_ids = torch.cat([prompt_ids, completion], dim=1)  # (B, P + C)
     attn = torch.cat([prompt_mask, comp_mask.to(prompt_mask.dtype)], dim=1)  # (B, P + C)
-    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # pitfall 1; pads left of the prompt: 0
+    position_ids = (attn.cumsum(1) - 1).clamp(min=0)  # pitfall 1; left pads: 0 (never scored)
     # The model's forward would apply the head (bf16 logits, pitfall 11), and its body alone would
     # bypass DDP's wrapper and its gradient sync: so the head is an identity during the pass.
     inner = model.module if isinstance(model, DDP) else model
@@ -299,7 +299,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion, comp_mask) -> 
                     logits_to_keep=C + 1)  # positions P-1 .. P+C-1
     finally:
         inner.set_output_embeddings(head)
-    # The row at position t predicts token t+1 (pitfall 2): position P-1+n scores token n.
+    # out.logits holds hidden states (an identity head); row P-1+n scores token n (pitfall 2)
     return out.logits[:, :-1, :]  # (B, C, H)
 
 
@@ -313,7 +313,7 @@ def lm_head(model) -> torch.Tensor:
 
 class Teacher:
     """The privileged teacher: a frozen copy of the student's initial weights (the fixed teacher),
-    reading the teacher prompt. Part II's kinds subclass it (FixedTeacher: this one in bf16)."""
+    reading the teacher prompt. Part II's kinds subclass it; a run casts it (pitfalls 16, 17)."""
     prompt = "teacher_ids"  # problem, reference, transition, instruction
     eval_prompt = "teacher_eval_ids"  # the same in the student's thinking mode
     frozen = True           # never changes: its accuracy is measured once
@@ -388,10 +388,10 @@ def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
 
 
 class TokenLoss(torch.autograd.Function):
-    """kl_loss, a chunk of positions at a time: loss, per_token = TokenLoss.apply(divergence, s_h,
-    t_h, y, W_s, W_t, temperature, mask, weight): hidden states (B, C, H), (B, C, H'); y, mask
-    (B, C); weight 0-dim (1/N: the mean); per_token (B, C): D_n, 0 where masked; loss = weight *
-    its sum. Each chunk's gradient is taken at once (as Liger-Kernel's): no logit kept or redone."""
+    """kl_loss made fast: the same loss a chunk of positions at a time, no (B, C, V) logits held.
+    loss, per_token = TokenLoss.apply(divergence, s_h, t_h, y, W_s, W_t, temperature, mask, weight)
+    s_h (B, C, H), t_h (B, C, H'), y and mask (B, C), weight 0-dim (1/N: a mean); per_token D_n,
+    0 where masked; loss = weight * its sum. The forward takes each chunk's gradient at once."""
 
     @staticmethod
     def forward(ctx, divergence, s_h, t_h, y, W_s, W_t, temperature, mask, weight):
@@ -440,7 +440,7 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
     with timer("generate"):
         for problems in micro_batches:
             with autocast:
-                comp, c_mask = sample(cfg, model, problems)  # (B, C) ids, bool: ŷ ~ p_S(. | x)
+                comp, c_mask = sample(cfg, model, problems)  # (B, C): ŷ ~ p_S(. | x), C varies
             rollouts.append(dict(problems=problems, comp=comp, c_mask=c_mask))
     N = sum(r["c_mask"].sum() for r in rollouts)  # 0-dim long: the step's completion tokens
     if ddp:
@@ -485,7 +485,7 @@ def opsd_step(cfg: Config, student, teacher: Teacher, optimizer, micro_batches: 
         teacher.update(model)
     optimizer.zero_grad(set_to_none=True)
     n = N.item()
-    means = {k: v / (n_rollouts if k in per_rollout else n) for k, v in zip(sums, totals)}
+    means = {k: v / n * (n / n_rollouts if k in per_rollout else 1.0) for k, v in zip(sums, totals)}
     return {**means, "completion_len": n / n_rollouts, "truncated_frac": cut_sum / n_rollouts,
             "grad_norm": grad_norm.item()}, rollouts
 
@@ -854,12 +854,17 @@ def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> T
     return AdapterOffTeacher(student) if is_lora(student) else FixedTeacher(student, dtype)
 
 
+def frozen_copy(student, dtype=torch.float32):
+    """A frozen copy of the student, its parameters in dtype (bf16 on CUDA: deviation 8) and its
+    buffers fp32 (pitfall 16), without the student's compiled forward (pitfall 17)."""
+    return cast_weights(copy_model(student).requires_grad_(False).eval(), dtype)
+
+
 class FixedTeacher(Teacher):
-    """Part I's fixed teacher as a run builds it: parameters in dtype (bf16 on CUDA, deviation 8)
-    with fp32 buffers (pitfall 16), a copy without the student's compiled forward (pitfall 17)."""
+    """Part I's fixed teacher as a run builds it: a frozen_copy."""
 
     def __init__(self, student, dtype=torch.float32):
-        self.model = cast_weights(copy_model(student).requires_grad_(False).eval(), dtype)
+        self.model = frozen_copy(student, dtype)
 
 
 class CurrentTeacher(Teacher):
@@ -870,12 +875,12 @@ class CurrentTeacher(Teacher):
         self.model = student
 
 
-class EMATeacher(FixedTeacher):
+class EMATeacher(Teacher):
     """An fp32 copy that follows the student: theta_T <- d theta_T + (1 - d) theta_S per step."""
     frozen = False
 
     def __init__(self, student, decay: float):
-        super().__init__(student, torch.float32)
+        self.model = frozen_copy(student)
         self.decay = decay
 
     @torch.no_grad()
@@ -1140,7 +1145,8 @@ def check_config(cfg: RunConfig) -> None:
         raise OPSDError(f"--top-p and --eval-top-p must lie in (0, 1] and --top-k be 0 (off) or positive (got "
                         f"{cfg.top_p}, {cfg.eval_top_p}, {cfg.top_k})")
     if not cfg.eval_greedy and cfg.eval_size and not cfg.eval_samples:
-        raise OPSDError("--no-eval-greedy leaves nothing to evaluate: add --eval-samples K (the authors: 12)")
+        raise OPSDError("evaluation without greedy answers (--no-eval-greedy, or --preset paper) needs "
+                        "--eval-samples K (the authors: 12)")
     if cfg.eval_temperature <= 0:
         raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default")
     if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
@@ -1667,8 +1673,9 @@ def load_training_state(cfg: RunConfig, out_dir: Path, device: torch.device) -> 
     if not ckpts or not (out_dir / "config.json").is_file():
         raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
     saved = json.loads((out_dir / "config.json").read_text())
+    saved = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(RunConfig)} | saved  # older runs
     changed = [f.name for f in dataclasses.fields(RunConfig)
-               if f.name not in RESUME_FREE and f.name in saved and saved[f.name] != getattr(cfg, f.name)]
+               if f.name not in RESUME_FREE and saved[f.name] != getattr(cfg, f.name)]
     if changed:
         raise OPSDError("--resume: the run in " + str(out_dir) + " was started with " + ", ".join(
             f"--{n.replace('_', '-')} {saved[n]}" for n in changed) + "; only --max-steps may change")
@@ -1989,8 +1996,8 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
         raise OPSDError(f"only {len(train_set)} training problems for --batch-size {cfg.batch_size}; lower it")
     model, tok = load_model(cfg.model, seed=cfg.seed, device=device)
     thinks = encode_chat(tok, "x", True) != encode_chat(tok, "x", False)  # the template has a thinking mode
-    if not thinks and {"student_thinking", "teacher_thinking"} & getattr(cfg, "typed", set()):
-        say(f"note: --student-thinking and --teacher-thinking have no effect: {cfg.model}'s template never thinks")
+    if not thinks and {"student_thinking", "teacher_thinking", "eval_thinking"} & getattr(cfg, "typed", set()):
+        say(f"note: the thinking flags have no effect: {cfg.model}'s template never thinks")
     if thinks and cfg.student_thinking != cfg.teacher_thinking and not cfg.teacher_model:
         say(f"note: the {'teacher' if cfg.teacher_thinking else 'student'}'s template thinks, the other's not: see "
             "divergence_first_token (pitfall 15)")
@@ -2014,7 +2021,8 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
                         f"with {eval_cfg.max_new_tokens} new tokens; lower --max-new-tokens or --eval-max-new-tokens")
     if skipped or None in eval_set:
         say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems whose prompt plus "
-            f"new tokens exceed the model's context of {context} tokens")
+            f"--max-new-tokens {cfg.max_new_tokens} (evaluation: {eval_cfg.max_new_tokens}) exceeds the model's "
+            f"context of {context} tokens")
     eval_set = [r for r in eval_set if r is not None]
     if eval_set:
         say(evaluation_line(eval_cfg, thinks))

@@ -1468,6 +1468,12 @@ def test_resume_refuses_other_settings_and_missing_runs(tmp_path):
     for where in (tmp_path / "missing", tmp_path):
         r = run_cli("--preset", "smoke", "--max-steps", "3", "--output-dir", str(where), "--resume")
         assert_one_line_error(r, "--resume")
+    # a run saved before a setting existed had its default: resuming with another value is refused too
+    config = json.loads((out / "config.json").read_text())
+    del config["prompts"]
+    (out / "config.json").write_text(json.dumps(config))
+    r = run_cli("--preset", "smoke", "--max-steps", "3", "--prompts", "authors", "--output-dir", str(out), "--resume")
+    assert_one_line_error(r, "--resume", "--prompts ours")
 
 
 def test_resume_under_the_default_device_auto(tmp_path):
@@ -2329,7 +2335,7 @@ def test_templates_without_a_thinking_mode_render_todays_ids_and_a_typed_flag_sa
     args = ["--preset", "smoke", "--max-steps", "1", "--eval-size", "0", "--overwrite", "--output-dir", str(tmp_path)]
     assert opsd.main(args) == 0 and "thinking" not in capsys.readouterr().out
     assert opsd.main(args + ["--teacher-thinking"]) == 0
-    assert "--teacher-thinking have no effect" in capsys.readouterr().out
+    assert "the thinking flags have no effect" in capsys.readouterr().out
 
 
 def test_the_first_token_divergence_is_logged_and_is_the_mean_kl_at_token_0_of_the_rollouts(tiny_qwen3):
@@ -2454,7 +2460,7 @@ def test_the_paper_preset_evaluates_thinking_at_its_budget_sampled_only(tiny_qwe
 def test_evaluation_options_are_refused_when_they_cannot_work(tmp_path, capsys):
     base = ["--preset", "smoke", "--output-dir", str(tmp_path / "r")]
     assert opsd.main(base + ["--no-eval-greedy"]) == 2
-    assert "--no-eval-greedy leaves nothing to evaluate" in capsys.readouterr().err
+    assert "evaluation without greedy answers (--no-eval-greedy" in capsys.readouterr().err
     assert opsd.main(base + ["--eval-max-new-tokens", "0"]) == 2
     assert "--eval-max-new-tokens must be positive" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -2470,6 +2476,19 @@ def test_help_names_the_qwen3_aliases_and_the_evaluation_options(capsys):
 
 
 def test_random_qwen3_has_the_published_context_and_a_thinking_template():
+    assert opsd.QWEN3_CHATML == QWEN3_TEMPLATE  # the tests' own copy of Qwen3's switch
     model, tok = opsd.load_model("random:Qwen3-1.7B", device="meta")
     assert model.config.max_position_embeddings == 40960
     assert opsd.encode_chat(tok, "x", True) != opsd.encode_chat(tok, "x", False)
+
+
+def test_sampled_only_evaluation_reports_avg_at_k_in_the_bar_and_the_last_line(tmp_path, capsys):
+    """--no-eval-greedy: no student_acc is logged; the progress bar and the 'done' line show avg@K."""
+    args = ["--preset", "smoke", "--no-eval-greedy", "--eval-samples", "2", "--eval-size", "4", "--output-dir",
+            str(tmp_path / "r")]
+    assert opsd.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "done: student avg@2 " in out and "greedy" not in out.split("evaluation:")[1].splitlines()[0]
+    evals = opsd.read_metrics(tmp_path / "r")[1]
+    assert len(evals) == 3 and all("student_acc" not in e and "teacher_avg_at_k" in e for e in evals)
+    assert "acc=" in err
