@@ -2543,10 +2543,11 @@ def test_a_grpo_step_is_minus_the_advantage_times_log_p_and_moves_the_rewarded_r
     assert A[0] > 0 > A[1] and A[2] == A[3] == 0
     N = rollouts[0]["c_mask"].sum()
     loss = -(A * rollout_log_probs(initial, rollouts, tok, cfg.temperature)).sum() / N
-    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    # the two groups' terms nearly cancel: an absolute tolerance for fp32 sums in another order
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
     loss.backward()
     for a, b in zip(initial.parameters(), model.parameters()):
-        torch.testing.assert_close(b, a - 0.1 * a.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, a - 0.1 * a.grad, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         before = rollout_log_probs(initial, rollouts, tok, cfg.temperature)
         after = rollout_log_probs(model, rollouts, tok, cfg.temperature)
