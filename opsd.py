@@ -269,7 +269,7 @@ def attention_mask_4d(attn: torch.Tensor, model) -> torch.Tensor:
     masked row gives NaN gradients in CUDA's fused attention (figures/). A pad is never scored."""
     L = attn.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=attn.device).tril()  # (L, L)
-    mask = (causal & attn.bool()[:, None, None]) | torch.eye(L, dtype=torch.bool, device=attn.device)
+    mask = causal & attn.bool()[:, None, None] | torch.eye(L, dtype=torch.bool, device=attn.device)
     if model.config._attn_implementation == "sdpa":
         return mask  # True = attend, what SDPA takes
     return torch.zeros(mask.shape, device=attn.device).masked_fill(
@@ -1939,8 +1939,8 @@ def loop(run: Run, stop: StopSignal, progress: bool) -> Path:
             on_rank_zero(run, keep_last_good)
             if run.rank > 0:
                 raise Stopped()  # rank 0 says it
-            raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds step "
-                            f"{step - 1}'s weights. Lower --lr or --max-grad-norm")
+            raise OPSDError(f"the loss or gradient became non-finite at step {step}; checkpoint/ holds the weights "
+                            f"after step {step - 1}. Lower --lr or --max-grad-norm")
         decode_steps = None if cfg.method == "sft" else sum(r["comp"].shape[1] for r in rollouts)
         line = {"split": "train", "step": step, **line, **timer.metrics(decode_steps)}
         log(run.metrics, line)
@@ -2186,7 +2186,7 @@ def main(argv=None) -> int:
     except Exception as e:
         if not lost_contact(e):
             raise  # a bug: its traceback is what a report needs
-        print(f"error{who}: another process stopped (its error is above): {str(e).splitlines()[0][:160]}", file=sys.stderr)
+        print(f"error{who}: another process stopped (its error is above): {first_line(e)}", file=sys.stderr)
         return 1
     if not lead:
         return 0
